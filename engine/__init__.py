@@ -1,0 +1,14 @@
+"""Stable Diffusion serving engine: registry, compile, warm pool and one ``generate`` facade."""
+from .engine import Engine, EngineSettings, ModelInfo
+from .errors import (ArtifactMismatch, ArtifactMissing, BackendUnavailable, Cancelled, CompileError, EngineError,
+                     InvalidRequest, ModelLoadError, RegistryError, UnknownModel, UnknownSampler,
+                     UnsupportedResolution)
+from .registry import Registry, load_registry
+from .types import GeneratedImage, GenerateRequest, GenerateResult, Progress, Size, VariantKey
+
+__all__ = [
+    "Engine", "EngineSettings", "ModelInfo", "Registry", "load_registry",
+    "GenerateRequest", "GenerateResult", "GeneratedImage", "Progress", "Size", "VariantKey",
+    "EngineError", "RegistryError", "UnknownModel", "UnsupportedResolution", "InvalidRequest", "UnknownSampler",
+    "ArtifactMissing", "ArtifactMismatch", "BackendUnavailable", "ModelLoadError", "CompileError", "Cancelled",
+]

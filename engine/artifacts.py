@@ -1,0 +1,173 @@
+"""Compiled artifact layout, manifests and atomic publishing.
+
+Layout: ``<artifacts_dir>/<model>/<WxH>/<backend>/<component>/model.pt`` plus
+``<artifacts_dir>/<model>/<WxH>/<backend>/manifest.json``. A variant is written into a hidden
+temporary directory beside its final place and renamed into place only when every component and
+the manifest are written, so an interrupted compile never leaves a directory that loads.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from .errors import ArtifactMismatch, ArtifactMissing
+from .registry import ModelSpec
+from .types import Size
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+# Bump when wrappers, example inputs or batch layout change: older artifacts become stale.
+RECIPE_VERSION = 1
+_TEMP_PREFIX = ".partial-"
+
+
+def variant_dir(artifacts_dir: Path, model_id: str, size: Size, backend: str) -> Path:
+    return Path(artifacts_dir) / model_id / str(size) / backend
+
+
+def compile_command(model_id: str, size: Size, backend: str, registry_path: Optional[Path] = None) -> str:
+    """The command that compiles one variant (naming the registry unless it is the project's own)."""
+    from .registry import DEFAULT_REGISTRY
+
+    registry = f" --registry {registry_path}" if registry_path and Path(registry_path) != DEFAULT_REGISTRY else ""
+    return f"python compile_all.py{registry} --backend {backend} --models {model_id} --resolutions {size}"
+
+
+def fingerprint(spec: ModelSpec, size: Size, backend: str, stack_key: str) -> str:
+    """Everything that, when it changes, makes an artifact stale."""
+    identity = {
+        "recipe": RECIPE_VERSION,
+        "family": spec.family,
+        "source": spec.source.describe(),
+        "dtype": spec.dtype,
+        "size": str(size),
+        "backend": backend,
+        "stack": stack_key,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(directory: Path) -> Optional[dict[str, Any]]:
+    """The manifest of a published variant directory, or None if there is none / it is unreadable."""
+    try:
+        return json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class VariantStatus:
+    state: str  # "compiled" | "missing" | "stale"
+    reason: str = ""
+
+
+def variant_status(directory: Path, expected_fingerprint: str) -> VariantStatus:
+    manifest = read_manifest(directory)
+    if manifest is None:
+        return VariantStatus("missing", "no manifest")
+    if manifest.get("fingerprint") != expected_fingerprint:
+        return VariantStatus("stale", _stale_reason(manifest))
+    for name, entry in manifest.get("components", {}).items():
+        path = directory / entry["file"]
+        if not path.is_file() or path.stat().st_size != entry["bytes"]:
+            return VariantStatus("stale", f"{name} file is missing or changed")
+    return VariantStatus("compiled")
+
+
+def _stale_reason(manifest: dict[str, Any]) -> str:
+    versions = manifest.get("versions", {})
+    stack = ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
+    return f"compiled from {manifest.get('source')} as {manifest.get('dtype')} with {stack}"
+
+
+def verified_manifest(
+    directory: Path, expected_fingerprint: str, command: str
+) -> dict[str, Any]:
+    """The manifest of a loadable variant; raises ArtifactMissing / ArtifactMismatch otherwise."""
+    status = variant_status(directory, expected_fingerprint)
+    if status.state == "missing":
+        raise ArtifactMissing(f"no compiled artifacts in {directory}; run `{command}`")
+    if status.state == "stale":
+        raise ArtifactMismatch(
+            f"artifacts in {directory} do not match this model and software stack "
+            f"({status.reason}); recompile with `{command} --force`"
+        )
+    manifest = read_manifest(directory)
+    assert manifest is not None
+    return manifest
+
+
+def verify_checksums(directory: Path, manifest: dict[str, Any]) -> list[str]:
+    """Names of components whose file content no longer matches the manifest's sha256."""
+    return [
+        name for name, entry in manifest["components"].items()
+        if sha256_file(directory / entry["file"]) != entry["sha256"]
+    ]
+
+
+class PartialVariant:
+    """A variant being written: a temporary directory that becomes ``final`` on ``publish()``."""
+
+    def __init__(self, final: Path):
+        self.final = final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.path = final.parent / f"{_TEMP_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.path.mkdir()
+        self.components: dict[str, dict[str, Any]] = {}
+
+    def component_dir(self, name: str) -> Path:
+        path = self.path / name
+        path.mkdir(exist_ok=True)
+        return path
+
+    def record(self, name: str, entry: dict[str, Any]) -> None:
+        """Add a written component; ``entry['file']`` is relative to the variant directory."""
+        path = self.path / entry["file"]
+        entry = {**entry, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        self.components[name] = entry
+
+    def publish(self, manifest: dict[str, Any]) -> None:
+        manifest = {**manifest, "format": MANIFEST_FORMAT, "components": self.components,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        tmp_manifest = self.path / (MANIFEST + ".tmp")
+        tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+        os.replace(tmp_manifest, self.path / MANIFEST)
+        old = None
+        if self.final.exists():
+            old = self.final.parent / f"{_TEMP_PREFIX}old-{self.final.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(self.final, old)
+        os.replace(self.path, self.final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def leftover_partials(artifacts_dir: Path) -> Iterator[Path]:
+    """Temporary directories left behind by interrupted compiles (safe to delete)."""
+    root = Path(artifacts_dir)
+    if root.is_dir():
+        yield from (p for p in root.glob(f"*/*/{_TEMP_PREFIX}*") if p.is_dir())
+
+
+def discard_partial(path: Path) -> None:
+    """Delete a leftover temporary directory (only ever one of ours)."""
+    if not Path(path).name.startswith(_TEMP_PREFIX):
+        raise ValueError(f"{path} is not a partial artifact directory")
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,151 @@
+"""Compile one (model, resolution, backend) variant into artifacts, and plan a whole registry.
+
+Components are loaded, wrapped, traced and saved one at a time, so only one component's weights
+sit in host memory. Everything is written into a temporary directory and published atomically.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from . import artifacts
+from .backends.base import Backend
+from .errors import EngineError
+from .families import FAMILIES, TEXT_LENGTH, VAE_DECODER, VAE_ENCODER, ShapeConfigs, example_inputs, traceable
+from .registry import ModelSpec, Registry
+from .sources import ComponentLoader, ModelParts, load_parts
+from .types import Size
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class VariantPlan:
+    spec: ModelSpec
+    size: Size
+    status: artifacts.VariantStatus
+
+
+@dataclass(frozen=True)
+class CompileOutcome:
+    model: str
+    size: Size
+    state: str  # "compiled" | "skipped" | "failed"
+    seconds: float = 0.0
+    error: str = ""
+
+
+def expected_fingerprint(spec: ModelSpec, size: Size, backend: Backend) -> str:
+    return artifacts.fingerprint(spec, size, backend.name, backend.stack_key())
+
+
+def plan(
+    registry: Registry, backend: Backend, models: Optional[Iterable[str]] = None,
+    resolutions: Optional[Iterable[Size]] = None,
+) -> list[VariantPlan]:
+    """Every selected model x resolution with its current status (compiled / missing / stale)."""
+    wanted_models = list(models) if models else list(registry.ids)
+    for model_id in wanted_models:
+        registry.get(model_id)  # raises UnknownModel with the list of known ids
+    wanted_sizes = set(resolutions) if resolutions else None
+    rows = []
+    for spec in registry.models:
+        if spec.id not in wanted_models:
+            continue
+        for size in spec.resolutions:
+            if wanted_sizes is not None and size not in wanted_sizes:
+                continue
+            directory = artifacts.variant_dir(registry.artifacts_dir, spec.id, size, backend.name)
+            status = artifacts.variant_status(directory, expected_fingerprint(spec, size, backend))
+            rows.append(VariantPlan(spec, size, status))
+    return rows
+
+
+def compile_variant(registry: Registry, spec: ModelSpec, size: Size, backend: Backend, log: Log = print) -> float:
+    """Compile every component of ``spec`` at ``size``; returns seconds. Raises EngineError on failure."""
+    family = FAMILIES[spec.family]
+    final = artifacts.variant_dir(registry.artifacts_dir, spec.id, size, backend.name)
+    started = time.perf_counter()
+    parts = load_parts(spec)
+    shapes = ShapeConfigs(unet=parts.unet_config, vae=parts.vae_config, token_ids=parts.prompt_token_ids(TEXT_LENGTH))
+    partial = artifacts.PartialVariant(final)
+    loader = ComponentLoader(spec)
+    try:
+        for module_name, components in _load_order(family.components):
+            module = loader.module(module_name)
+            for component in components:
+                _compile_one(backend, family, component, module, size, shapes, spec.dtype, partial, log)
+            del module
+            gc.collect()
+        seconds = time.perf_counter() - started
+        partial.publish(_manifest(spec, size, backend, parts, seconds))
+    except BaseException:
+        partial.discard()
+        raise
+    finally:
+        loader.close()
+    return seconds
+
+
+def _load_order(components: tuple[str, ...]) -> list[tuple[str, list[str]]]:
+    """Group components by the module whose weights they need (the VAE serves two)."""
+    groups: dict[str, list[str]] = {}
+    for component in components:
+        groups.setdefault("vae" if component in (VAE_DECODER, VAE_ENCODER) else component, []).append(component)
+    return list(groups.items())
+
+
+def _compile_one(backend, family, component, module, size, shapes, dtype, partial, log: Log) -> None:
+    started = time.perf_counter()
+    log(f"  {component:<15} compiling ...")
+    inputs = example_inputs(family, component, size.width, size.height, shapes)
+    wrapped = traceable(family, component, module)
+    with backend.tracing(family):
+        entry = backend.compile_component(family, component, wrapped, inputs, partial.component_dir(component), dtype)
+    partial.record(component, entry)
+    log(f"  {component:<15} done in {time.perf_counter() - started:.1f}s")
+
+
+def _manifest(spec: ModelSpec, size: Size, backend: Backend, parts: ModelParts, seconds: float) -> dict:
+    return {
+        "model": spec.id,
+        "family": spec.family,
+        "size": str(size),
+        "backend": backend.name,
+        "dtype": spec.dtype,
+        "source": {"kind": spec.source.kind, "ref": spec.source.ref, "revision": spec.source.revision,
+                   "config": spec.source.config},
+        "fingerprint": expected_fingerprint(spec, size, backend),
+        "versions": backend.stack_versions(),
+        "target": backend.target(),
+        "compile_seconds": round(seconds, 3),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def compile_all(
+    registry: Registry, backend: Backend, models: Optional[Iterable[str]] = None,
+    resolutions: Optional[Iterable[Size]] = None, force: bool = False, log: Log = print,
+) -> list[CompileOutcome]:
+    """Compile what is missing or stale (everything with ``force``); never stops at the first failure."""
+    outcomes = []
+    for row in plan(registry, backend, models, resolutions):
+        label = f"{row.spec.id} {row.size} [{backend.name}]"
+        if row.status.state == "compiled" and not force:
+            log(f"{label}: up to date, skipped")
+            outcomes.append(CompileOutcome(row.spec.id, row.size, "skipped"))
+            continue
+        log(f"{label}: compiling ({row.status.state}{': ' + row.status.reason if row.status.reason else ''})")
+        try:
+            seconds = compile_variant(registry, row.spec, row.size, backend, log)
+        except EngineError as exc:
+            log(f"{label}: FAILED: {exc}")
+            outcomes.append(CompileOutcome(row.spec.id, row.size, "failed", error=str(exc)))
+            continue
+        log(f"{label}: compiled in {seconds:.1f}s")
+        outcomes.append(CompileOutcome(row.spec.id, row.size, "compiled", seconds))
+    return outcomes

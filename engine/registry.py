@@ -1,0 +1,235 @@
+"""Load and validate ``model_registry.yaml`` into frozen ``Registry`` / ``ModelSpec`` values.
+
+The YAML is read once and checked completely; every problem is reported with the file, the model
+id, the field, what was expected and what was found. No loose dicts travel past this module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import RegistryError
+from .types import Size
+
+FAMILIES = ("sd15", "sd21", "sdxl")
+DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "model_registry.yaml"
+DTYPES = ("fp32", "bf16")
+SOURCE_KINDS = ("hub", "local", "single_file")
+
+# Where a single-file checkpoint takes its configs and tokenizers from, unless the entry says.
+DEFAULT_SINGLE_FILE_CONFIG = {
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd21": "stabilityai/stable-diffusion-2-1-base",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from: a hub repo id, a local diffusers directory or one checkpoint.
+
+    ``config`` (single files only) is the hub id or directory holding the diffusers configs and
+    tokenizers that go with the checkpoint.
+    """
+
+    kind: str
+    ref: str
+    revision: Optional[str] = None
+    config: Optional[str] = None
+
+    def describe(self) -> str:
+        text = f"{self.kind}:{self.ref}"
+        if self.revision:
+            text += f"@{self.revision}"
+        return text
+
+    @property
+    def config_ref(self) -> str:
+        """The hub id or directory to read configs and tokenizers from."""
+        return self.config if self.kind == "single_file" and self.config else self.ref
+
+
+@dataclass(frozen=True)
+class Defaults:
+    sampler: str = "Euler a"
+    steps: int = 20
+    cfg_scale: float = 7.0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str
+    title: str
+    family: str
+    source: ModelSource
+    dtype: str
+    resolutions: tuple[Size, ...]
+    defaults: Defaults
+
+    @property
+    def default_size(self) -> Size:
+        return self.resolutions[0]
+
+
+@dataclass(frozen=True)
+class Registry:
+    path: Path
+    artifacts_dir: Path
+    default_model: str
+    models: tuple[ModelSpec, ...]
+
+    def get(self, model_id: str) -> ModelSpec:
+        from .errors import UnknownModel
+
+        for spec in self.models:
+            if spec.id == model_id:
+                return spec
+        known = ", ".join(s.id for s in self.models)
+        raise UnknownModel(f"unknown model {model_id!r}; the registry {self.path} has: {known}")
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(s.id for s in self.models)
+
+
+class _Checker:
+    """Collects the context (file, model, field) for error messages."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, model: Optional[str], field: str, expected: str, found: Any) -> RegistryError:
+        where = f"{self.path}"
+        if model is not None:
+            where += f": model {model!r}"
+        return RegistryError(f"{where}, field {field!r}: expected {expected}, found {found!r}")
+
+
+def load_registry(path: "str | Path") -> Registry:
+    """Read and validate a registry file. Relative paths inside it are relative to the file."""
+    path = Path(path).resolve()
+    check = _Checker(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RegistryError(f"registry file {path} does not exist; pass --registry PATH") from None
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise check.fail(None, "<top level>", "a mapping with 'models'", type(data).__name__)
+    raw_models = data.get("models")
+    if not isinstance(raw_models, list) or not raw_models:
+        raise check.fail(None, "models", "a non-empty list of models", raw_models)
+    models = tuple(_parse_model(check, raw, index) for index, raw in enumerate(raw_models))
+    _check_unique(check, models)
+    default_model = data.get("default_model", models[0].id)
+    if default_model not in {m.id for m in models}:
+        raise check.fail(None, "default_model", f"one of {[m.id for m in models]}", default_model)
+    artifacts_dir = data.get("artifacts_dir", "artifacts")
+    if not isinstance(artifacts_dir, str) or not artifacts_dir:
+        raise check.fail(None, "artifacts_dir", "a directory path", artifacts_dir)
+    return Registry(
+        path=path,
+        artifacts_dir=(path.parent / artifacts_dir).resolve(),
+        default_model=default_model,
+        models=models,
+    )
+
+
+def _check_unique(check: _Checker, models: tuple[ModelSpec, ...]) -> None:
+    seen: set[str] = set()
+    for spec in models:
+        if spec.id in seen:
+            raise check.fail(spec.id, "id", "each model id to appear once", f"duplicate {spec.id}")
+        seen.add(spec.id)
+
+
+def _parse_model(check: _Checker, raw: Any, index: int) -> ModelSpec:
+    if not isinstance(raw, dict):
+        raise check.fail(None, f"models[{index}]", "a mapping", raw)
+    model_id = raw.get("id")
+    if not isinstance(model_id, str) or not model_id.strip() or "/" in model_id:
+        raise check.fail(None, f"models[{index}].id", "a name without '/'", model_id)
+    family = raw.get("family")
+    if family not in FAMILIES:
+        raise check.fail(model_id, "family", f"one of {', '.join(FAMILIES)}", family)
+    dtype = raw.get("dtype", "fp32")
+    if dtype not in DTYPES:
+        raise check.fail(model_id, "dtype", f"one of {', '.join(DTYPES)}", dtype)
+    return ModelSpec(
+        id=model_id,
+        title=str(raw.get("title", model_id)),
+        family=family,
+        source=_parse_source(check, model_id, family, raw.get("source")),
+        dtype=dtype,
+        resolutions=_parse_resolutions(check, model_id, raw.get("resolutions")),
+        defaults=_parse_defaults(check, model_id, raw.get("defaults", {})),
+    )
+
+
+def _parse_source(check: _Checker, model_id: str, family: str, raw: Any) -> ModelSource:
+    if not isinstance(raw, dict):
+        raise check.fail(model_id, "source", f"a mapping with one of {SOURCE_KINDS}", raw)
+    kinds = [k for k in SOURCE_KINDS if k in raw]
+    if len(kinds) != 1:
+        raise check.fail(model_id, "source", f"exactly one of {', '.join(SOURCE_KINDS)}", raw)
+    kind = kinds[0]
+    ref = raw[kind]
+    if not isinstance(ref, str) or not ref.strip():
+        raise check.fail(model_id, f"source.{kind}", "a non-empty string", ref)
+    base = check.path.parent
+    config = raw.get("config")
+    if kind == "local":
+        ref = str((base / ref).resolve())
+        if not (Path(ref) / "model_index.json").is_file():
+            raise check.fail(model_id, "source.local", "a diffusers directory with model_index.json", ref)
+    elif kind == "single_file":
+        ref = str((base / ref).resolve())
+        if not ref.endswith((".safetensors", ".ckpt")):
+            raise check.fail(model_id, "source.single_file", "a .safetensors or .ckpt file", ref)
+        config = config or DEFAULT_SINGLE_FILE_CONFIG[family]
+        if (base / config).is_dir():
+            config = str((base / config).resolve())
+    revision = raw.get("revision")
+    if revision is not None and kind != "hub":
+        raise check.fail(model_id, "source.revision", "a revision only with a hub source", revision)
+    return ModelSource(kind=kind, ref=ref, revision=revision, config=config)
+
+
+def _parse_resolutions(check: _Checker, model_id: str, raw: Any) -> tuple[Size, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise check.fail(model_id, "resolutions", "a non-empty list such as [512x512]", raw)
+    sizes: list[Size] = []
+    for index, item in enumerate(raw):
+        field = f"resolutions[{index}]"
+        try:
+            size = Size.parse(item)
+        except ValueError:
+            raise check.fail(model_id, field, "WIDTHxHEIGHT such as 512x512", item) from None
+        if size.width % 8 or size.height % 8 or size.width <= 0 or size.height <= 0:
+            raise check.fail(model_id, field, "width and height that are positive multiples of 8", item)
+        if size in sizes:
+            raise check.fail(model_id, field, "each resolution once", item)
+        sizes.append(size)
+    return tuple(sizes)
+
+
+def _parse_defaults(check: _Checker, model_id: str, raw: Any) -> Defaults:
+    if not isinstance(raw, dict):
+        raise check.fail(model_id, "defaults", "a mapping of sampler, steps, cfg_scale", raw)
+    from .samplers import SAMPLERS
+
+    base = Defaults()
+    sampler = raw.get("sampler", base.sampler)
+    if sampler not in SAMPLERS:
+        raise check.fail(model_id, "defaults.sampler", f"one of {', '.join(SAMPLERS)}", sampler)
+    steps = raw.get("steps", base.steps)
+    if not isinstance(steps, int) or not 1 <= steps <= 150:
+        raise check.fail(model_id, "defaults.steps", "an integer from 1 to 150", steps)
+    cfg = raw.get("cfg_scale", base.cfg_scale)
+    if not isinstance(cfg, (int, float)) or not 1 <= cfg <= 30:
+        raise check.fail(model_id, "defaults.cfg_scale", "a number from 1 to 30", cfg)
+    return Defaults(sampler=sampler, steps=steps, cfg_scale=float(cfg))

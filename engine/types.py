@@ -1,0 +1,119 @@
+"""Frozen value types that cross the engine's public boundary."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from PIL import Image
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
+
+RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
+
+
+@dataclass(frozen=True, order=True)
+class Size:
+    """An image size in pixels, written ``WxH`` (width first, as A1111 does)."""
+
+    width: int
+    height: int
+
+    @classmethod
+    def parse(cls, text: "str | Size") -> "Size":
+        """Parse ``"512x768"``; raises ``ValueError`` with the expected form otherwise."""
+        if isinstance(text, Size):
+            return text
+        match = _SIZE_RE.match(str(text))
+        if not match:
+            raise ValueError(f"expected a size written WIDTHxHEIGHT such as 512x512, found {text!r}")
+        return cls(int(match.group(1)), int(match.group(2)))
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
+@dataclass(frozen=True)
+class VariantKey:
+    """One warm pipeline: a model at one size (``size`` is None on the any-size eager backend)."""
+
+    model: str
+    size: Optional[Size]
+
+    def __str__(self) -> str:
+        return f"{self.model}@{self.size or 'any'}"
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """Everything one generation needs. ``None`` fields take the model's registry defaults.
+
+    ``seed=-1`` draws a random seed; image ``i`` of the request uses ``seed + i``.
+    ``init_image`` turns the request into img2img with ``strength`` (denoising strength).
+    """
+
+    model: Optional[str] = None
+    prompt: str = ""
+    negative_prompt: str = ""
+    sampler: Optional[str] = None
+    steps: Optional[int] = None
+    cfg_scale: Optional[float] = None
+    seed: int = -1
+    size: Optional[Size] = None
+    num_images: int = 1
+    init_image: Optional["Image.Image"] = None
+    strength: float = 0.75
+    resize_mode: str = "just resize"
+
+    @property
+    def mode(self) -> str:
+        return "img2img" if self.init_image is not None else "txt2img"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A step boundary of a running request (reported through ``on_progress``)."""
+
+    step: int
+    total_steps: int
+    image_index: int
+    num_images: int
+    elapsed_s: float
+    it_per_s: float
+    preview: Optional["Image.Image"] = None
+
+    @property
+    def fraction(self) -> float:
+        done = self.image_index * self.total_steps + self.step
+        return done / max(1, self.total_steps * self.num_images)
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One output image, its seed, its A1111 ``parameters`` text and the PNG bytes carrying it."""
+
+    image: "Image.Image"
+    seed: int
+    infotext: str
+    png: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """The images of a request plus what it took to make them."""
+
+    request: GenerateRequest
+    model: str
+    size: Size
+    sampler: str
+    steps: int
+    cfg_scale: float
+    seed: int
+    images: tuple[GeneratedImage, ...]
+    timings: dict[str, float]
+
+    @property
+    def it_per_s(self) -> float:
+        denoise = self.timings.get("denoise_s", 0.0)
+        return self.timings.get("steps_run", 0.0) / denoise if denoise > 0 else 0.0
