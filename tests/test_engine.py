@@ -1,0 +1,192 @@
+"""The Engine end to end on tiny models: registry -> compiled cpu artifacts -> generate -> PNG."""
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine import (ArtifactMismatch, ArtifactMissing, Cancelled, GenerateRequest, InvalidRequest, Size,
+                    UnknownModel, UnknownSampler, UnsupportedResolution)
+from engine.infotext import parse_infotext, read_parameters
+from engine.samplers import sampler_names
+
+FAMILY_MODELS = ["tiny-sd15", "tiny-sd21", "tiny-sdxl"]
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def red_square() -> Image.Image:
+    image = Image.new("RGB", (80, 80), (0, 0, 255))
+    image.paste((255, 0, 0), (20, 20, 60, 60))
+    return image
+
+
+@pytest.mark.parametrize("model", FAMILY_MODELS)
+def test_txt2img_png_carries_a1111_parameters(cpu_engine, model):
+    result = cpu_engine.generate(GenerateRequest(model=model, prompt="a red circle", negative_prompt="blue",
+                                                 seed=7, steps=3, cfg_scale=6.5, num_images=2))
+    assert [im.seed for im in result.images] == [7, 8]
+    for generated in result.images:
+        png = Image.open(io.BytesIO(generated.png))
+        assert png.format == "PNG" and png.size == (64, 64)
+        params = parse_infotext(read_parameters(png))
+        assert params["Prompt"] == "a red circle" and params["Negative prompt"] == "blue"
+        assert params["Steps"] == "3" and params["CFG scale"] == "6.5" and params["Model"] == model
+        assert params["Seed"] == str(generated.seed) and params["Size"] == "64x64"
+    assert result.timings["total_s"] > 0 and result.it_per_s > 0
+
+
+@pytest.mark.parametrize("model", FAMILY_MODELS)
+@pytest.mark.parametrize("img2img", [False, True], ids=["txt2img", "img2img"])
+def test_traced_output_equals_eager_output(cpu_engine, eager_engine, model, img2img):
+    extra = {"init_image": red_square(), "strength": 0.6} if img2img else {}
+    request = GenerateRequest(model=model, prompt="a small square", seed=123, steps=3, **extra)
+    traced = cpu_engine.generate(request).images[0].image
+    eager = eager_engine.generate(request).images[0].image
+    assert np.abs(pixels(traced) - pixels(eager)).max() <= 1
+
+
+def test_image_i_is_plain_diffusers_with_seed_plus_i(cpu_engine, compiled_registry):
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
+    spec = compiled_registry.get("tiny-sd15")
+    result = cpu_engine.generate(GenerateRequest(model="tiny-sd15", prompt="a cat", seed=40, steps=3, num_images=2))
+    pipe = StableDiffusionPipeline.from_pretrained(spec.source.ref, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    for index, generated in enumerate(result.images):
+        expected = pipe("a cat", num_inference_steps=3, guidance_scale=7.0, height=64, width=64,
+                        generator=torch.Generator("cpu").manual_seed(40 + index)).images[0]
+        assert np.abs(pixels(generated.image) - pixels(expected)).max() <= 1
+
+
+def test_same_seed_same_image_other_seed_other_image(cpu_engine):
+    make = lambda seed: pixels(cpu_engine.generate(GenerateRequest(prompt="a dog", seed=seed, steps=3)).images[0].image)
+    assert np.array_equal(make(5), make(5))
+    assert not np.array_equal(make(5), make(6))
+
+
+def test_random_seed_is_reported(cpu_engine):
+    result = cpu_engine.generate(GenerateRequest(prompt="a dog", seed=-1, steps=2))
+    assert 0 <= result.seed < 2**32 and result.images[0].seed == result.seed
+
+
+@pytest.mark.parametrize("sampler", sampler_names())
+def test_every_sampler_runs(cpu_engine, sampler):
+    result = cpu_engine.generate(GenerateRequest(prompt="a tree", sampler=sampler, steps=3, seed=1))
+    image = pixels(result.images[0].image)
+    assert image.shape == (64, 64, 3) and image.std() > 0
+    assert parse_infotext(result.images[0].infotext)["Sampler"] == sampler
+
+
+def test_non_square_compiled_size(cpu_engine):
+    result = cpu_engine.generate(GenerateRequest(prompt="tall", size=Size(64, 96), steps=2, seed=1))
+    assert result.images[0].image.size == (64, 96)
+
+
+@pytest.mark.parametrize("mode", ["just resize", "crop and resize", "resize and fill"])
+def test_img2img_resize_modes_reach_compiled_size(cpu_engine, mode):
+    init = Image.new("RGB", (200, 100), (0, 255, 0))
+    result = cpu_engine.generate(GenerateRequest(prompt="x", init_image=init, strength=0.5, steps=4,
+                                                 resize_mode=mode, seed=3))
+    assert result.images[0].image.size == (64, 64)
+    assert "Denoising strength: 0.5" in result.images[0].infotext
+
+
+def test_uncompiled_resolution_lists_compiled_sizes_and_command(cpu_engine):
+    with pytest.raises(UnsupportedResolution) as info:
+        cpu_engine.generate(GenerateRequest(model="tiny-sdxl", prompt="x", size=Size(128, 128)))
+    message = str(info.value)
+    assert "128x128 is not compiled for tiny-sdxl" in message and "compiled: 64x64" in message
+    assert "compile_all.py" in message and "--models tiny-sdxl --resolutions 128x128" in message
+
+
+@pytest.mark.parametrize("request_kwargs, error", [
+    ({"model": "nope"}, UnknownModel),
+    ({"sampler": "Euler z"}, UnknownSampler),
+    ({"steps": 0}, InvalidRequest),
+    ({"steps": 151}, InvalidRequest),
+    ({"cfg_scale": 31}, InvalidRequest),
+    ({"num_images": 0}, InvalidRequest),
+    ({"prompt": "   "}, InvalidRequest),
+    ({"init_image": Image.new("RGB", (64, 64)), "strength": 1.5}, InvalidRequest),
+])
+def test_bad_requests_raise_clear_errors_and_engine_keeps_serving(cpu_engine, request_kwargs, error):
+    kwargs = {"prompt": "x", "steps": 2, **request_kwargs}
+    with pytest.raises(error):
+        cpu_engine.generate(GenerateRequest(**kwargs))
+    assert cpu_engine.generate(GenerateRequest(prompt="ok", steps=2, seed=1)).images
+
+
+def test_cancel_stops_at_step_boundary_and_engine_keeps_serving(cpu_engine):
+    cancel = threading.Event()
+    seen = []
+
+    def on_progress(progress):
+        seen.append(progress.step)
+        if progress.step == 2:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        cpu_engine.generate(GenerateRequest(prompt="x", steps=20, num_images=3), on_progress=on_progress, cancel=cancel)
+    assert seen == [1, 2]
+    assert cpu_engine.generate(GenerateRequest(prompt="after", steps=2, seed=2)).images
+
+
+def test_progress_reports_every_step(cpu_engine):
+    seen = []
+    cpu_engine.generate(GenerateRequest(prompt="x", steps=3, num_images=2, seed=1), on_progress=seen.append)
+    assert [(p.image_index, p.step, p.total_steps) for p in seen] == [(0, 1, 3), (0, 2, 3), (0, 3, 3),
+                                                                      (1, 1, 3), (1, 2, 3), (1, 3, 3)]
+    assert seen[-1].fraction == 1.0
+
+
+def test_models_and_status_show_compiled_and_warm(cpu_engine):
+    cpu_engine.generate(GenerateRequest(model="tiny-sd15", prompt="x", steps=1, seed=1))
+    info = {m.id: m for m in cpu_engine.models()}
+    assert info["tiny-sd15"].compiled == {Size(64, 64): "compiled", Size(64, 96): "compiled"}
+    assert Size(64, 64) in info["tiny-sd15"].warm
+    status = cpu_engine.status()
+    assert status["backend"] == "cpu" and any(w["model"] == "tiny-sd15" for w in status["warm"])
+    assert cpu_engine.unload("tiny-sd15") >= 1
+    assert not any(w["model"] == "tiny-sd15" for w in cpu_engine.status()["warm"])
+
+
+def _fresh_engine(registry):
+    from engine import Engine
+    from engine.backends import make_backend
+
+    return Engine(registry, make_backend("cpu"))
+
+
+def test_missing_and_stale_artifacts_are_refused_with_the_command(compiled_registry, tmp_path):
+    import dataclasses
+    import json
+    import shutil
+
+    from engine import artifacts
+
+    registry = dataclasses.replace(compiled_registry, artifacts_dir=tmp_path / "artifacts")
+    source = artifacts.variant_dir(compiled_registry.artifacts_dir, "tiny-sd21", Size(64, 64), "cpu")
+    target = artifacts.variant_dir(registry.artifacts_dir, "tiny-sd21", Size(64, 64), "cpu")
+    engine = _fresh_engine(registry)
+    with pytest.raises(ArtifactMissing, match="--models tiny-sd21 --resolutions 64x64"):
+        engine.generate(GenerateRequest(model="tiny-sd21", prompt="x", steps=1))
+    shutil.copytree(source, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["fingerprint"] = "0" * 16
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactMismatch, match="--force"):
+        engine.generate(GenerateRequest(model="tiny-sd21", prompt="x", steps=1))
+    shutil.rmtree(target)
+    shutil.copytree(source, target)
+    with open(target / "unet" / "model.pt", "ab") as handle:
+        handle.write(b"garbage")
+    with pytest.raises(ArtifactMismatch, match="unet file is missing or changed"):
+        engine.generate(GenerateRequest(model="tiny-sd21", prompt="x", steps=1))

@@ -1,0 +1,44 @@
+"""A1111 ``parameters`` text: what we write parses back, and A1111's own text parses."""
+from __future__ import annotations
+
+from PIL import Image
+
+from engine.infotext import format_infotext, parse_infotext, png_with_parameters, read_parameters
+
+A1111_SAMPLE = (
+    "masterpiece, a castle on a hill, (detailed:1.2)\n"
+    "Negative prompt: blurry, lowres\n"
+    'Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 1234, Size: 512x768, Model hash: abc123, '
+    'Model: deliberate_v2, Lora hashes: "a: 1, b: 2", Version: v1.6.0'
+)
+
+
+def test_parse_a1111_text():
+    params = parse_infotext(A1111_SAMPLE)
+    assert params["Prompt"] == "masterpiece, a castle on a hill, (detailed:1.2)"
+    assert params["Negative prompt"] == "blurry, lowres"
+    assert params["Steps"] == "30" and params["Sampler"] == "DPM++ 2M Karras"
+    assert params["CFG scale"] == "7.5" and params["Seed"] == "1234" and params["Size"] == "512x768"
+    assert params["Lora hashes"] == "a: 1, b: 2"
+    assert params["Version"] == "v1.6.0"
+
+
+def test_round_trip_through_png():
+    text = format_infotext("a red circle,\nsecond line", "green", {
+        "Steps": 20, "Sampler": "Euler a", "CFG scale": 7.0, "Seed": 42, "Size": "64x64", "Model": "demo",
+        "Note": 'with "quotes", commas', "Skipped": None})
+    assert "CFG scale: 7," in text and "Skipped" not in text
+    png = png_with_parameters(Image.new("RGB", (8, 8)), text)
+    import io
+
+    read_back = read_parameters(Image.open(io.BytesIO(png)))
+    assert read_back == text
+    params = parse_infotext(read_back)
+    assert params["Prompt"] == "a red circle,\nsecond line"
+    assert params["Negative prompt"] == "green"
+    assert params["Note"] == 'with "quotes", commas'
+    assert params["Seed"] == "42"
+
+
+def test_prompt_only_text_has_no_parameters():
+    assert parse_infotext("just a prompt") == {"Prompt": "just a prompt", "Negative prompt": ""}
