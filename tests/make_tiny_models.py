@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 SIZE = 64
 CHARS = string.ascii_lowercase + string.digits + ".,!?'-()"
 
@@ -113,6 +115,9 @@ def write_registry(out: Path, extra_models: list[dict] | None = None) -> Path:
          "resolutions": ["64x64", "64x96"], "defaults": {"sampler": "Euler a", "steps": 4, "cfg_scale": 7}},
         {"id": "tiny-sd21", "title": "Tiny SD 2.1", "family": "sd21", "source": {"local": "tiny-sd21"},
          "resolutions": ["64x64"], "defaults": {"sampler": "DPM++ 2M", "steps": 4, "cfg_scale": 7}},
+        {"id": "tiny-sd15-file", "title": "Tiny SD 1.5 (single file)", "family": "sd15",
+         "source": {"single_file": "tiny-sd15.safetensors", "config": "tiny-sd15"},
+         "resolutions": ["64x64"], "defaults": {"sampler": "Euler a", "steps": 4, "cfg_scale": 7}},
         {"id": "tiny-sdxl", "title": "Tiny SDXL", "family": "sdxl", "source": {"local": "tiny-sdxl"},
          "resolutions": ["64x64"], "defaults": {"sampler": "Euler", "steps": 4, "cfg_scale": 5}},
         *(extra_models or []),
@@ -125,7 +130,9 @@ def write_registry(out: Path, extra_models: list[dict] | None = None) -> Path:
 
 def make_all(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    make_sd(out, "sd15")
+    from ldm_checkpoint import write_ldm_checkpoint
+
+    write_ldm_checkpoint(make_sd(out, "sd15"), out / "tiny-sd15.safetensors")
     make_sd(out, "sd21")
     make_sdxl(out)
     return write_registry(out)

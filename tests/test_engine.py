@@ -66,6 +66,13 @@ def test_image_i_is_plain_diffusers_with_seed_plus_i(cpu_engine, compiled_regist
         assert np.abs(pixels(generated.image) - pixels(expected)).max() <= 1
 
 
+def test_single_file_checkpoint_matches_its_diffusers_directory(cpu_engine):
+    request = dict(prompt="a cat", seed=9, steps=3)
+    from_file = cpu_engine.generate(GenerateRequest(model="tiny-sd15-file", **request)).images[0].image
+    from_dir = cpu_engine.generate(GenerateRequest(model="tiny-sd15", **request)).images[0].image
+    assert np.abs(pixels(from_file) - pixels(from_dir)).max() <= 1
+
+
 def test_same_seed_same_image_other_seed_other_image(cpu_engine):
     make = lambda seed: pixels(cpu_engine.generate(GenerateRequest(prompt="a dog", seed=seed, steps=3)).images[0].image)
     assert np.array_equal(make(5), make(5))

@@ -25,7 +25,7 @@ def _model(**overrides):
 
 def test_tiny_registry_loads_frozen_specs(tiny_registry_path):
     registry = load_registry(tiny_registry_path)
-    assert registry.ids == ("tiny-sd15", "tiny-sd21", "tiny-sdxl")
+    assert registry.ids == ("tiny-sd15", "tiny-sd21", "tiny-sd15-file", "tiny-sdxl")
     spec = registry.get("tiny-sd15")
     assert spec.resolutions == (Size(64, 64), Size(64, 96))
     assert spec.source.kind == "local" and Path(spec.source.ref).is_absolute()
@@ -78,7 +78,7 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 
 def test_unknown_model_lists_known_ids(tiny_registry_path):
-    with pytest.raises(UnknownModel, match="tiny-sd15, tiny-sd21, tiny-sdxl"):
+    with pytest.raises(UnknownModel, match="tiny-sd15, tiny-sd21, tiny-sd15-file, tiny-sdxl"):
         load_registry(tiny_registry_path).get("sdxl-turbo")
 
 
