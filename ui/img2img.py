@@ -1,0 +1,87 @@
+"""The img2img tab: an input image + prompt → images. Its Generate event is the ``/img2img`` API endpoint."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import gradio as gr
+
+from engine import GenerateRequest, InvalidRequest
+from engine.types import RESIZE_MODES
+
+from .common import (DEVICE_QUEUE, AppContext, GenerationControls, output_panel, parameter_controls, prompt_row,
+                     request_size, run_job, session_of, whole, wire_common)
+
+TAB = "img2img"
+
+
+@dataclass
+class Img2ImgControls(GenerationControls):
+    init_image: Optional[gr.Image] = None
+    strength: Optional[gr.Slider] = None
+    resize_mode: Optional[gr.Radio] = None
+
+
+def build(ctx: AppContext, model: gr.Dropdown) -> Img2ImgControls:
+    """Lay out the tab (inside the caller's ``gr.Tabs``) and wire its events."""
+    info = ctx.model_info(model.value)
+    with gr.Tab("img2img", id=TAB, elem_id=f"tab_{TAB}"):
+        prompt, negative, generate, interrupt = prompt_row(TAB)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, elem_id=f"{TAB}_settings"):
+                init_image = gr.Image(label="Image for img2img", type="pil", image_mode="RGB", height=320,
+                                      sources=["upload", "clipboard"], elem_id=f"{TAB}_image")
+                resize_mode = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], label="Resize mode",
+                                       elem_id=f"{TAB}_resize_mode",
+                                       info="how the image is fitted to the generation size")
+                params = parameter_controls(ctx, TAB, info)
+                strength = gr.Slider(0, 1, step=0.01, value=0.75, label="Denoising strength",
+                                     elem_id=f"{TAB}_denoising_strength")
+            with gr.Column(scale=1, elem_id=f"{TAB}_results"):
+                gallery, stats, infotext = output_panel(TAB)
+    controls = Img2ImgControls(TAB, prompt, negative, generate, interrupt, gallery=gallery, stats=stats,
+                               info=infotext, init_image=init_image, strength=strength, resize_mode=resize_mode,
+                               **params)
+    wire(ctx, controls, model)
+    return controls
+
+
+def wire(ctx: AppContext, c: Img2ImgControls, model: gr.Dropdown) -> None:
+    def img2img(init_image: Any, prompt: str, negative_prompt: str, model: Optional[str],
+                resolution: Optional[str], width: float, height: float, sampler: Optional[str], steps: float,
+                cfg_scale: float, seed: float, batch_count: float, denoising_strength: float, resize_mode: str,
+                request: gr.Request, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
+        """Redraw ``init_image`` following the prompt, ``batch_count`` times. The image is fitted to
+        the generation size with ``resize_mode``; ``denoising_strength`` 0 keeps it, 1 replaces it.
+        Returns the PNGs (each carrying its A1111 parameters), the first image's parameters and a
+        line with seed, time and it/s."""
+
+        def make_request() -> GenerateRequest:
+            if init_image is None:
+                raise InvalidRequest("img2img needs an input image: drop one into the image box")
+            return GenerateRequest(
+                model=model or None, prompt=prompt or "", negative_prompt=negative_prompt or "",
+                sampler=sampler or None, steps=whole("steps", steps), cfg_scale=cfg_scale,
+                seed=whole("seed", seed, -1), size=request_size(ctx, resolution, width, height),
+                init_image=init_image, strength=_strength(denoising_strength),
+                resize_mode=resize_mode or RESIZE_MODES[0])
+
+        outcome = run_job(ctx, make_request, batch_count, session_of(request), progress, "img2img")
+        return outcome.paths, (outcome.infotexts[0] if outcome.infotexts else ""), outcome.stats
+
+    inputs = dict(init_image=c.init_image, prompt=c.prompt, negative_prompt=c.negative_prompt, model=model,
+                  resolution=c.resolution, width=c.width, height=c.height, sampler=c.sampler, steps=c.steps,
+                  cfg_scale=c.cfg_scale, seed=c.seed, batch_count=c.batch_count, denoising_strength=c.strength,
+                  resize_mode=c.resize_mode)
+    c.generate.click(img2img, inputs_kwargs=inputs, outputs=[c.gallery, c.info, c.stats], api_name="img2img",
+                     concurrency_id=DEVICE_QUEUE, concurrency_limit=ctx.concurrency, show_progress_on=[c.gallery])
+    wire_common(ctx, c)
+
+
+def _strength(value: Any) -> float:
+    if value in (None, ""):
+        return 0.75
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"denoising strength must be a number from 0 to 1, got {value!r}") from None

@@ -1,0 +1,122 @@
+"""The Models tab: every registry model × resolution, compiled or not, warm or not, load / unload."""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any, Optional
+
+import gradio as gr
+
+from engine import ModelInfo
+from engine.artifacts import compile_command
+
+from .common import DEVICE_QUEUE, AppContext, parse_size, translate_errors
+
+TAB = "models"
+COLUMNS = ["Model", "Title", "Family", "Resolution", "Compiled", "Warm", "To compile"]
+_STATE_LABEL = {"compiled": "✅ compiled", "missing": "❌ missing", "stale": "⚠️ stale", "n/a": "— (eager)"}
+
+
+def model_rows(ctx: AppContext, models: list[ModelInfo]) -> list[list[str]]:
+    """One row per model × resolution, with the command that compiles what is not compiled."""
+    backend = ctx.engine.backend.name
+    registry = ctx.engine.registry.path
+    rows = []
+    for info in models:
+        for size in info.resolutions:
+            state = info.compiled.get(size, "missing")
+            command = ""
+            if state in ("missing", "stale"):
+                command = compile_command(info.id, size, backend, registry) + (" --force" if state == "stale" else "")
+            warm = "🔥 warm" if size in info.warm else ""
+            rows.append([info.id, info.title, info.family, str(size), _STATE_LABEL.get(state, state), warm, command])
+    return rows
+
+
+def process_rss_bytes(status_file: Path = Path("/proc/self/status")) -> Optional[int]:
+    """Resident memory of this process (Linux), or None where /proc is not there."""
+    try:
+        for line in status_file.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def status_markdown(ctx: AppContext) -> str:
+    """Backend, memory and what is warm (on neuron: which NeuronCores each warm pipeline holds)."""
+    status = ctx.engine.status()
+    rss = process_rss_bytes()
+    memory = f"{rss / 2**30:.2f} GiB" if rss is not None else "n/a"
+    head = (f"**Backend** {status['backend']} on `{status['device']}` · **warm pipelines** "
+            f"{len(status['warm'])} of at most {status['max_warm']} · **process memory (RSS)** {memory}")
+    if status["backend"] == "neuron":
+        cores = sorted({core for warm in status["warm"] for core in warm.get("device_ids", [])})
+        head += f" · **NeuronCores in use** {', '.join(map(str, cores)) or 'none'}"
+    items = []
+    for warm in status["warm"]:
+        devices = f" on NeuronCores {', '.join(map(str, warm['device_ids']))}" if warm.get("device_ids") else ""
+        busy = " (generating)" if warm["in_use"] else ""
+        items.append(f"- 🔥 `{warm['model']}` @ {warm['size']}{devices}, loaded in {warm['load_seconds']:.1f} s{busy}")
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(status.get("versions", {}).items()))
+    parts = [head, "\n".join(items) if items else "Nothing is warm: the first generation loads its model."]
+    if versions:
+        parts.append(f"<small>{html.escape(versions)}</small>")
+    return "\n\n".join(parts)
+
+
+def build(ctx: AppContext) -> None:
+    models = ctx.engine.models()
+    ids = [(m.title if m.title == m.id else f"{m.title} ({m.id})", m.id) for m in models]
+    first = models[0] if models else None
+    with gr.Tab("Models", id=TAB, elem_id=f"tab_{TAB}") as tab:
+        status = gr.Markdown(status_markdown(ctx), elem_id="models_status")
+        table = gr.Dataframe(model_rows(ctx, models), headers=COLUMNS, interactive=False, wrap=True,
+                             elem_id="models_table", column_widths=["12%", "14%", "7%", "9%", "11%", "8%", "39%"])
+        with gr.Row(equal_height=True):
+            model = gr.Dropdown(ids, value=first.id if first else None, label="Model", elem_id="models_model")
+            size = gr.Dropdown(_sizes(first), value=_sizes(first)[0] if first else None, label="Resolution",
+                               elem_id="models_size")
+            load = gr.Button("Load (warm up)", variant="primary", elem_id="models_load")
+            unload = gr.Button("Unload", elem_id="models_unload")
+            refresh = gr.Button("🔄 Refresh", elem_id="models_refresh")
+        message = gr.Markdown(elem_id="models_message")
+
+    def refresh_view() -> tuple[Any, Any]:
+        return model_rows(ctx, ctx.engine.models()), status_markdown(ctx)
+
+    def sizes_for(model_id: str) -> Any:
+        info = ctx.model_info(model_id)
+        sizes = _sizes(info)
+        return gr.update(choices=sizes, value=sizes[0] if sizes else None)
+
+    def load_model(model_id: str, size_text: Optional[str]) -> tuple[Any, Any, str]:
+        """Warm ``model_id`` at ``size_text`` so the next generation starts at once."""
+        with translate_errors("loading a model"):
+            warm = ctx.engine.load(model_id, parse_size(size_text))
+        rows, markdown = refresh_view()
+        return rows, markdown, f"Loaded **{warm.key}** in {warm.load_seconds:.1f} s."
+
+    def unload_model(model_id: str, size_text: Optional[str]) -> tuple[Any, Any, str]:
+        """Drop the warm pipelines of ``model_id`` at ``size_text`` that are not generating."""
+        with translate_errors("unloading a model"):
+            count = ctx.engine.unload(model_id, parse_size(size_text))
+        rows, markdown = refresh_view()
+        return rows, markdown, (f"Unloaded {count} pipeline(s) of **{model_id}**." if count
+                                else f"Nothing of **{model_id}** @ {size_text} was warm (or it is generating).")
+
+    model.change(sizes_for, inputs=model, outputs=size, api_visibility="private", queue=False)
+    # Loading uses the accelerator: it waits its turn in the device queue like a generation.
+    load.click(load_model, inputs=[model, size], outputs=[table, status, message], api_name="load_model",
+               concurrency_id=DEVICE_QUEUE, concurrency_limit=ctx.concurrency)
+    unload.click(unload_model, inputs=[model, size], outputs=[table, status, message], api_name="unload_model",
+                 concurrency_limit=None)
+    refresh.click(refresh_view, outputs=[table, status], api_visibility="private", concurrency_limit=None)
+    tab.select(refresh_view, outputs=[table, status], api_visibility="private", concurrency_limit=None)
+
+
+def _sizes(info: Optional[ModelInfo]) -> list[str]:
+    return [str(s) for s in info.resolutions] if info is not None else []
+
+

@@ -1,0 +1,176 @@
+"""The web app's settings: parsed once, from flags and environment, into a frozen ``AppSettings``.
+
+This is the only place that reads ``os.environ`` for the app (the caller passes it in). Every flag
+has an environment variable that supplies its default, so a service file can configure the app
+without a command line; an explicit flag wins over the environment.
+
+=========================  ==================  =========================================
+flag                       environment         default
+=========================  ==================  =========================================
+``--registry PATH``        ``SD_REGISTRY``     ``model_registry.yaml`` beside ``engine/``
+``--backend NAME``         ``SD_BACKEND``      ``auto`` (neuron, else eager on CUDA, else cpu)
+``--host HOST``            ``GRADIO_SERVER_NAME``  ``127.0.0.1``
+``--port PORT``            ``GRADIO_SERVER_PORT``  ``7860``
+``--share``                ``SD_SHARE=1``      off
+``--auth USER:PASS``       ``SD_AUTH``         none (repeatable flag; env: comma separated)
+``--auth-file PATH``       ``SD_AUTH_FILE``    none (lines ``user:pass``)
+``--preload M[,M]``        ``SD_PRELOAD``      none (``MODEL`` or ``MODEL@WxH``)
+``--max-warm N``           ``SD_MAX_WARM``     2
+``--outputs DIR``          ``SD_OUTPUTS``      ``outputs/``
+``--threads N``            ``SD_THREADS``      torch's default
+``--concurrency N``        ``SD_CONCURRENCY``  1 (generations at once on the device)
+``--no-autocompile``       ``SD_AUTOCOMPILE=0``  compile the default model when missing
+=========================  ==================  =========================================
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+BACKENDS = ("auto", "neuron", "cpu", "eager")
+SHARE_WARNING = (
+    "WARNING: --share without --auth/--auth-file: anyone with the public link can use this machine "
+    "(and its accelerator) to generate images. Add --auth user:pass or --auth-file FILE.")
+
+
+class SettingsError(ValueError):
+    """A flag or environment variable has a value the app cannot use (the message says which)."""
+
+
+@dataclass(frozen=True)
+class Preload:
+    """A model to warm at start, at one size (``None``: the model's first resolution)."""
+
+    model: str
+    size: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """Everything the app is configured with. Built by ``parse_settings``; passed down, never global."""
+
+    registry: Path
+    backend: str = "auto"
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    share: bool = False
+    auth: tuple[tuple[str, str], ...] = ()
+    preload: tuple[Preload, ...] = ()
+    max_warm: int = 2
+    outputs: Path = Path("outputs")
+    threads: Optional[int] = None
+    concurrency: int = 1
+    autocompile: bool = True
+
+    @property
+    def share_without_auth(self) -> bool:
+        return self.share and not self.auth
+
+
+def _default_registry() -> Path:
+    from engine.registry import DEFAULT_REGISTRY
+
+    return DEFAULT_REGISTRY
+
+
+def _truthy(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The argument parser, with environment variables as defaults."""
+    env = environ.get
+    p = argparse.ArgumentParser(
+        prog="python app.py", description="Stable Diffusion web UI (Inferentia2, GPU or CPU).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--registry", type=Path, default=Path(env("SD_REGISTRY") or _default_registry()),
+                   help="model registry YAML [SD_REGISTRY]")
+    p.add_argument("--backend", choices=BACKENDS, default=env("SD_BACKEND", "auto"),
+                   help="auto: neuron if present, else eager on CUDA, else cpu TorchScript [SD_BACKEND]")
+    p.add_argument("--host", default=env("GRADIO_SERVER_NAME", DEFAULT_HOST),
+                   help="interface to listen on; 0.0.0.0 for every interface [GRADIO_SERVER_NAME]")
+    p.add_argument("--port", default=env("GRADIO_SERVER_PORT", str(DEFAULT_PORT)), help="[GRADIO_SERVER_PORT]")
+    p.add_argument("--share", action="store_true", default=_truthy(env("SD_SHARE", "")),
+                   help="also serve on a public gradio.live link [SD_SHARE]")
+    p.add_argument("--auth", action="append", default=None, metavar="USER:PASS",
+                   help="require a login (repeatable) [SD_AUTH, comma separated]")
+    p.add_argument("--auth-file", type=Path, default=env("SD_AUTH_FILE"),
+                   help="file with one USER:PASS a line [SD_AUTH_FILE]")
+    p.add_argument("--preload", default=env("SD_PRELOAD", ""), metavar="MODEL[@WxH][,MODEL]",
+                   help="models to warm at start [SD_PRELOAD]")
+    p.add_argument("--max-warm", default=env("SD_MAX_WARM", "2"), help="warm pipelines kept at most [SD_MAX_WARM]")
+    p.add_argument("--outputs", type=Path, default=Path(env("SD_OUTPUTS", "outputs")),
+                   help="every generated PNG is saved here [SD_OUTPUTS]")
+    p.add_argument("--threads", default=env("SD_THREADS"), help="torch CPU threads [SD_THREADS]")
+    p.add_argument("--concurrency", default=env("SD_CONCURRENCY", "1"),
+                   help="generations running at once on the device; others wait in the queue [SD_CONCURRENCY]")
+    p.add_argument("--no-autocompile", dest="autocompile", action="store_false",
+                   default=_truthy(env("SD_AUTOCOMPILE", "1")),
+                   help="do not compile the default model's missing artifacts at start [SD_AUTOCOMPILE=0]")
+    return p
+
+
+def _positive_int(name: str, text: object, minimum: int = 1) -> int:
+    try:
+        value = int(str(text))
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, found {text!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, found {value}")
+    return value
+
+
+def _parse_auth_pair(text: str, where: str) -> tuple[str, str]:
+    user, sep, password = text.strip().partition(":")
+    if not sep or not user or not password:
+        raise SettingsError(f"{where}: expected USER:PASS, found {text.strip()!r}")
+    return user, password
+
+
+def _read_auth_file(path: Path) -> list[tuple[str, str]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise SettingsError(f"--auth-file {path}: cannot read it ({exc.strerror})") from None
+    pairs = [_parse_auth_pair(line, f"{path} line {number}")
+             for number, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")]
+    if not pairs:
+        raise SettingsError(f"--auth-file {path}: no USER:PASS lines in it")
+    return pairs
+
+
+def _parse_preload(text: str) -> tuple[Preload, ...]:
+    items = []
+    for part in (p.strip() for p in text.split(",")):
+        if part:
+            model, _, size = part.partition("@")
+            items.append(Preload(model.strip(), size.strip() or None))
+    return tuple(items)
+
+
+def parse_settings(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> AppSettings:
+    """Flags and environment → ``AppSettings``; raises ``SettingsError`` naming the bad value."""
+    args = build_parser(environ).parse_args(argv)
+    auth_texts = args.auth if args.auth is not None else [a for a in environ.get("SD_AUTH", "").split(",") if a.strip()]
+    auth = [_parse_auth_pair(text, "--auth") for text in auth_texts]
+    if args.auth_file:
+        auth += _read_auth_file(Path(args.auth_file))
+    threads = _positive_int("--threads", args.threads) if args.threads not in (None, "") else None
+    return AppSettings(
+        registry=Path(args.registry),
+        backend=args.backend,
+        host=args.host,
+        port=_positive_int("--port", args.port),
+        share=args.share,
+        auth=tuple(auth),
+        preload=_parse_preload(args.preload),
+        max_warm=_positive_int("--max-warm", args.max_warm),
+        outputs=Path(args.outputs),
+        threads=threads,
+        concurrency=_positive_int("--concurrency", args.concurrency),
+        autocompile=args.autocompile,
+    )

@@ -1,0 +1,55 @@
+"""The txt2img tab: prompt → images. Its Generate event is the ``/txt2img`` API endpoint."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import gradio as gr
+
+from engine import GenerateRequest
+
+from .common import (DEVICE_QUEUE, AppContext, GenerationControls, output_panel, parameter_controls, prompt_row,
+                     request_size, run_job, session_of, whole, wire_common)
+
+TAB = "txt2img"
+
+
+def build(ctx: AppContext, model: gr.Dropdown) -> GenerationControls:
+    """Lay out the tab (inside the caller's ``gr.Tabs``) and wire its events."""
+    info = ctx.model_info(model.value)
+    with gr.Tab("txt2img", id=TAB, elem_id=f"tab_{TAB}"):
+        prompt, negative, generate, interrupt = prompt_row(TAB)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, elem_id=f"{TAB}_settings"):
+                params = parameter_controls(ctx, TAB, info)
+            with gr.Column(scale=1, elem_id=f"{TAB}_results"):
+                gallery, stats, infotext = output_panel(TAB)
+    controls = GenerationControls(TAB, prompt, negative, generate, interrupt, gallery=gallery, stats=stats,
+                                  info=infotext, **params)
+    wire(ctx, controls, model)
+    return controls
+
+
+def wire(ctx: AppContext, c: GenerationControls, model: gr.Dropdown) -> None:
+    def txt2img(prompt: str, negative_prompt: str, model: Optional[str], resolution: Optional[str],
+                width: float, height: float, sampler: Optional[str], steps: float, cfg_scale: float, seed: float,
+                batch_count: float, request: gr.Request, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
+        """Generate ``batch_count`` images from a prompt. Returns the PNGs (each carrying its A1111
+        parameters), the first image's parameters and a line with seed, time and it/s.
+        ``resolution`` (WxH) is used on fixed-shape backends, ``width``/``height`` on eager."""
+
+        def make_request() -> GenerateRequest:
+            return GenerateRequest(
+                model=model or None, prompt=prompt or "", negative_prompt=negative_prompt or "",
+                sampler=sampler or None, steps=whole("steps", steps), cfg_scale=cfg_scale,
+                seed=whole("seed", seed, -1), size=request_size(ctx, resolution, width, height))
+
+        outcome = run_job(ctx, make_request, batch_count, session_of(request), progress, "txt2img")
+        return outcome.paths, (outcome.infotexts[0] if outcome.infotexts else ""), outcome.stats
+
+    inputs = dict(prompt=c.prompt, negative_prompt=c.negative_prompt, model=model, resolution=c.resolution,
+                  width=c.width, height=c.height, sampler=c.sampler, steps=c.steps, cfg_scale=c.cfg_scale,
+                  seed=c.seed, batch_count=c.batch_count)
+    gr.on([c.generate.click], txt2img, inputs_kwargs=inputs, outputs=[c.gallery, c.info, c.stats],
+          api_name="txt2img", concurrency_id=DEVICE_QUEUE, concurrency_limit=ctx.concurrency,
+          show_progress_on=[c.gallery])
+    wire_common(ctx, c)
