@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from .backends import BACKEND_NAMES, make_backend
+from .bench import add_bench_parser
 from .engine import Engine
 from .errors import EngineError
 from .registry import DEFAULT_REGISTRY, load_registry
@@ -76,6 +77,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine", description="Stable Diffusion engine tools")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(subparsers)
+    add_bench_parser(subparsers)
     args = parser.parse_args(argv)
     quiet_libraries()
     try:

@@ -1,0 +1,108 @@
+"""``python -m engine bench``: the numbers' arithmetic, and one real (tiny) run through every output."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.bench import (INSTANCE_PRICES, BenchRow, BenchSettings, RunSample, _steps_list, cost_per_10k_images,
+                          pairwise_ratios, percentile, run_bench)
+from engine.bench_report import COLUMNS, command_line, format_text, row_values, to_csv, write_all
+from engine.types import Size
+
+
+def test_percentile_interpolates_like_numpy():
+    assert percentile([3.0], 95) == 3.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 95) == pytest.approx(4.8)
+    assert percentile([5.0, 1.0, 3.0], 0) == 1.0
+
+
+def test_ratios_are_pairwise_per_run():
+    assert pairwise_ratios([1.0, 3.0], [2.0, 4.0]) == (0.5, 0.75)
+    with pytest.raises(ValueError):
+        pairwise_ratios([1.0], [1.0, 2.0])
+
+
+def test_cost_per_10k_images_from_hourly_price():
+    # one image per second for 10,000 s at $3.60/h is $10
+    assert cost_per_10k_images(3.6, 1.0) == pytest.approx(10.0)
+    assert cost_per_10k_images(INSTANCE_PRICES["inf2.xlarge"], 0.970) == pytest.approx(0.7582 * 10000 / 0.970 / 3600)
+    assert cost_per_10k_images(None, 1.0) is None
+    assert BenchSettings(instance="inf2.8xlarge").price() == 1.9679
+    assert BenchSettings(instance="inf2.8xlarge", price_per_hour=2.0).price() == 2.0
+
+
+def test_row_statistics():
+    samples = tuple(RunSample(seconds=s, denoise_s=s / 2, steps=10, unet_s=s / 4, unet_calls=10) for s in (1.0, 2.0, 3.0))
+    row = BenchRow("cpu", "m", Size(64, 64), "fp32", "Euler", 10, samples, cold_start_s=5.0, peak_rss_mb=100.0,
+                   added_rss_mb=10.0, unet_flops=1e9, price_per_hour=3.6)
+    assert row.p50_s == 2.0
+    assert row.mean_s == 2.0
+    assert row.images_per_s == 0.5
+    assert row.cost_per_10k == pytest.approx(20.0)
+    assert row.it_per_s == pytest.approx(10.0)  # 10 steps in 1.0 s (median denoise time)
+    assert row.unet_share == pytest.approx(0.25)
+    assert row.unet_flops_per_s == pytest.approx(1e9 * 10 / 0.5)  # median over runs
+
+
+def test_steps_option_parses_lists():
+    assert _steps_list("20,30,50") == (20, 30, 50)
+    for bad in ("", "a,b", "0"):
+        with pytest.raises(Exception):
+            _steps_list(bad)
+
+
+def test_bench_compare_and_switch_on_tiny_model(compiled_registry, tmp_path: Path):
+    """One short real run: engine cpu + eager + plain diffusers interleaved, then model switching."""
+    settings = BenchSettings(registry=compiled_registry.path, model="tiny-sd15", steps=(2, 3), runs=2, warmup=0,
+                             backend="cpu", instance="inf2.xlarge", compare="diffusers", switch_model="tiny-sd21")
+    report = run_bench(settings, log=lambda line: None)
+
+    assert [(r.runner, r.steps) for r in report.rows] == [
+        ("cpu", 2), ("cpu", 3), ("eager", 2), ("eager", 3), ("diffusers", 2), ("diffusers", 3)]
+    for row in report.rows:
+        assert len(row.samples) == 2 and row.unet_flops > 0 and row.cold_start_s > 0 and row.peak_rss_mb > 0
+        assert row.unet_calls == row.steps  # one CFG-batched UNet call per Euler a step
+        assert row.cost_per_10k == pytest.approx(cost_per_10k_images(0.7582, row.images_per_s))
+    for comp, steps in zip(report.comparisons, (2, 3)):
+        assert comp.steps == steps and set(comp.ratios) == {"cpu", "eager"}
+        by_runner = {r.runner: r for r in report.rows if r.steps == steps}
+        expected = [a / c for a, c in zip(by_runner["cpu"].latencies, by_runner["diffusers"].latencies)]
+        assert list(comp.ratios["cpu"]) == pytest.approx(expected)
+        # same seed, same scheduler, fp32: the engine's images are plain diffusers' images
+        assert comp.max_pixel_diff == {"cpu": 0, "eager": 0}
+    assert report.switch is not None and len(report.switch.switch_s) == 2
+
+    paths = write_all(report, tmp_path)
+    assert [p.name for p in paths] == ["bench.md", "bench.csv", "bench.json", "bench.png"]
+    with open(tmp_path / "bench.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert list(table[0]) == [name for name, _ in COLUMNS] and len(table) == 6
+    assert float(table[0]["p50_s"]) == pytest.approx(report.rows[0].p50_s, rel=1e-5)
+    markdown = (tmp_path / "bench.md").read_text()
+    assert command_line(settings) in markdown and "| cpu | tiny-sd15 |" in markdown
+    assert "cpu/diffusers" in markdown and "model switching" in markdown and "checked 2026-11" in markdown
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["comparisons"][0]["medians"]["cpu"] == pytest.approx(report.comparisons[0].median("cpu"))
+    from PIL import Image
+
+    assert Image.open(tmp_path / "bench.png").size[0] > 100
+    text = format_text(report)
+    assert "P50 s" in text and "median" in text
+    assert row_values(report.rows[0], report)["pct_of_peak"] > 0
+    assert to_csv(report).count("\n") == 7
+
+
+def test_cli_registers_bench(tmp_path: Path, compiled_registry, capsys):
+    from engine.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["bench", "--registry", str(compiled_registry.path), "--model", "tiny-sdxl", "--steps", "2",
+                 "--runs", "1", "--warmup", "0", "--backend", "cpu", "--price-per-hour", "1.5",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "tiny-sdxl" in printed and "$1.5/h as given" in printed
+    assert (out / "bench.csv").is_file() and (out / "bench.png").is_file()
