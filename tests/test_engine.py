@@ -197,3 +197,19 @@ def test_missing_and_stale_artifacts_are_refused_with_the_command(compiled_regis
         handle.write(b"garbage")
     with pytest.raises(ArtifactMismatch, match="unet file is missing or changed"):
         engine.generate(GenerateRequest(model="tiny-sd21", prompt="x", steps=1))
+
+
+def test_compiled_serving_never_loads_full_weights(compiled_registry, monkeypatch):
+    import diffusers
+    import transformers
+
+    def forbidden(cls, *args, **kwargs):
+        raise AssertionError(f"{cls.__name__} weights were loaded while serving compiled artifacts")
+
+    for cls in (diffusers.UNet2DConditionModel, diffusers.AutoencoderKL, transformers.CLIPTextModel,
+                transformers.CLIPTextModelWithProjection, diffusers.StableDiffusionPipeline):
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(forbidden))
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_single_file", classmethod(forbidden))
+    engine = _fresh_engine(compiled_registry)
+    for model in ("tiny-sdxl", "tiny-sd15-file"):
+        assert engine.generate(GenerateRequest(model=model, prompt="x", steps=2, seed=1)).images
