@@ -47,10 +47,12 @@ def build(ctx: AppContext, model: gr.Dropdown) -> Img2ImgControls:
 
 
 def wire(ctx: AppContext, c: Img2ImgControls, model: gr.Dropdown) -> None:
-    def img2img(init_image: Any, prompt: str, negative_prompt: str, model: Optional[str],
-                resolution: Optional[str], width: float, height: float, sampler: Optional[str], steps: float,
-                cfg_scale: float, seed: float, batch_count: float, denoising_strength: float, resize_mode: str,
-                request: gr.Request, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
+    def img2img(init_image: Any, prompt: str, negative_prompt: Optional[str] = None, model: Optional[str] = None,
+                resolution: Optional[str] = None, width: Optional[float] = None, height: Optional[float] = None,
+                sampler: Optional[str] = None, steps: Optional[float] = None, cfg_scale: Optional[float] = None,
+                seed: float = -1, batch_count: float = 1, denoising_strength: float = 0.75,
+                resize_mode: str = RESIZE_MODES[0], request: gr.Request = None,
+                progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
         """Redraw ``init_image`` following the prompt, ``batch_count`` times. The image is fitted to
         the generation size with ``resize_mode``; ``denoising_strength`` 0 keeps it, 1 replaces it.
         Returns the PNGs (each carrying its A1111 parameters), the first image's parameters and a

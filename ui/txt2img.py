@@ -30,12 +30,15 @@ def build(ctx: AppContext, model: gr.Dropdown) -> GenerationControls:
 
 
 def wire(ctx: AppContext, c: GenerationControls, model: gr.Dropdown) -> None:
-    def txt2img(prompt: str, negative_prompt: str, model: Optional[str], resolution: Optional[str],
-                width: float, height: float, sampler: Optional[str], steps: float, cfg_scale: float, seed: float,
-                batch_count: float, request: gr.Request, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
+    def txt2img(prompt: str, negative_prompt: Optional[str] = None, model: Optional[str] = None,
+                resolution: Optional[str] = None, width: Optional[float] = None, height: Optional[float] = None,
+                sampler: Optional[str] = None, steps: Optional[float] = None, cfg_scale: Optional[float] = None,
+                seed: float = -1, batch_count: float = 1, request: gr.Request = None,
+                progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
         """Generate ``batch_count`` images from a prompt. Returns the PNGs (each carrying its A1111
         parameters), the first image's parameters and a line with seed, time and it/s.
-        ``resolution`` (WxH) is used on fixed-shape backends, ``width``/``height`` on eager."""
+        ``resolution`` (WxH) is used on fixed-shape backends, ``width``/``height`` on eager; left out,
+        the model, size, sampler, steps and CFG are the registry's defaults."""
 
         def make_request() -> GenerateRequest:
             return GenerateRequest(

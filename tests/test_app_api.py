@@ -1,0 +1,199 @@
+"""The web app driven through its API with gradio_client, as a script would use it.
+
+``app.py`` runs in a subprocess on the tiny compiled registry (see ``ui_server.py``); every
+request goes through Gradio's queue, the handlers and the real engine.
+"""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from engine.infotext import parse_infotext
+from ui.settings import SHARE_WARNING, AppSettings, Preload, SettingsError, parse_settings
+
+pytest_plugins = ["ui_server"]
+
+
+@pytest.fixture(scope="module")
+def client(ui_server, tmp_path_factory):
+    from gradio_client import Client
+
+    return Client(ui_server.url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+
+
+def _png_parameters(path: str) -> dict[str, str]:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return {**parse_infotext(image.info["parameters"]), "_size": f"{image.width}x{image.height}"}
+
+
+def test_txt2img_returns_pngs_with_the_request_parameters(client, ui_server):
+    images, info, stats = client.predict(
+        prompt="a red circle", negative_prompt="blurry", model="tiny-sd15", resolution="64x96",
+        sampler="DPM++ 2M", steps=3, cfg_scale=6.5, seed=1234, batch_count=2, api_name="/txt2img")
+    assert len(images) == 2
+    for index, item in enumerate(images):
+        params = _png_parameters(item["image"])
+        assert params["Prompt"] == "a red circle" and params["Negative prompt"] == "blurry"
+        assert (params["Seed"], params["Steps"], params["Sampler"]) == (str(1234 + index), "3", "DPM++ 2M")
+        assert params["Size"] == params["_size"] == "64x96"
+        assert params["CFG scale"] == "6.5" and params["Model"] == "tiny-sd15"
+    assert "Seed: 1234" in info
+    assert stats.startswith("Seed 1234") and "it/s" in stats
+    saved = sorted(p.name for p in (ui_server.outputs / "txt2img-images").glob("*/*-123[45].png"))
+    assert [name.split("-", 1)[1] for name in saved] == ["1234.png", "1235.png"]
+    assert _png_parameters(str(next((ui_server.outputs / "txt2img-images").glob("*/*-1235.png"))))["Seed"] == "1235"
+
+
+def test_random_seed_is_reported(client):
+    images, info, _ = client.predict(prompt="a square", steps=2, seed=-1, api_name="/txt2img")
+    seed = int(parse_infotext(info)["Seed"])
+    assert 0 <= seed < 2**32 and _png_parameters(images[0]["image"])["Seed"] == str(seed)
+
+
+def test_img2img_returns_pngs_with_the_request_parameters(client, tmp_path):
+    from gradio_client import handle_file
+
+    source = tmp_path / "source.png"
+    Image.new("RGB", (80, 50), (200, 30, 30)).save(source)
+    images, info, _ = client.predict(
+        init_image=handle_file(str(source)), prompt="a blue square", negative_prompt="", model="tiny-sd15",
+        resolution="64x64", sampler="Euler", steps=4, cfg_scale=7, seed=77, batch_count=1, denoising_strength=0.5,
+        resize_mode="crop and resize", api_name="/img2img")
+    assert len(images) == 1
+    params = _png_parameters(images[0]["image"])
+    assert (params["Prompt"], params["Seed"], params["Sampler"], params["Steps"]) == ("a blue square", "77", "Euler", "4")
+    assert params["Size"] == params["_size"] == "64x64"
+    assert params["Denoising strength"] == "0.5"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"resolution": "128x128"}, "128x128 is not compiled for tiny-sd15; compiled: 64x64, 64x96"),
+    ({"sampler": "Bogus"}, "unknown sampler 'Bogus'"),
+    ({"model": "no-such-model"}, "unknown model 'no-such-model'"),
+    ({"steps": 500}, "Value 500 is greater than maximum value 150"),  # gradio's own slider check
+    ({"steps": 2.5}, "steps must be a whole number"),
+    ({"prompt": "  "}, "the prompt is empty"),
+    ({"resolution": "huge"}, "expected a size written WIDTHxHEIGHT"),
+])
+def test_bad_requests_return_the_engine_message_and_the_app_keeps_serving(client, change, message):
+    from gradio_client.exceptions import AppError
+
+    request = dict(prompt="a red circle", model="tiny-sd15", steps=2, seed=5, api_name="/txt2img")
+    with pytest.raises(AppError) as failure:
+        client.predict(**{**request, **change})
+    assert message in str(failure.value)
+    images, _, _ = client.predict(**request)
+    assert len(images) == 1
+
+
+def test_img2img_without_an_image_says_so(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="needs an input image"):
+        client.predict(init_image=None, prompt="x", api_name="/img2img")
+
+
+def test_interrupt_stops_only_its_own_session_and_others_wait_in_the_queue(ui_server):
+    """Two users: B's interrupt leaves A's job running, and B's own job waits in the one queue;
+    A's interrupt stops A at a step boundary, keeping the finished images; then B's job runs."""
+    from gradio_client import Client
+    from gradio_client.utils import Status
+
+    a = Client(ui_server.url, verbose=False, download_files=str(ui_server.tmp / "a"))
+    b = Client(ui_server.url, verbose=False, download_files=str(ui_server.tmp / "b"))
+    long_job = a.submit(prompt="a long job", steps=80, batch_count=16, seed=10, api_name="/txt2img")
+    _wait_for(lambda: long_job.status().code in (Status.PROCESSING, Status.PROGRESS), "the long job to start")
+    queued = b.submit(prompt="after the long one", steps=2, seed=11, api_name="/txt2img")
+    _wait_for(lambda: queued.status().code == Status.IN_QUEUE, "B's job to be queued")
+    assert queued.status().rank == 0  # first in line, behind the running job
+
+    b.predict(api_name="/txt2img_interrupt")  # B has nothing running: A's job must go on
+    time.sleep(1.0)
+    assert not long_job.done(), "another session's interrupt stopped the job"
+
+    _wait_for(lambda: _image_number(long_job) >= 2, "the long job's second image")
+    started = time.monotonic()
+    a.predict(api_name="/txt2img_interrupt")
+    images, _, stats = long_job.result(timeout=60)
+    assert time.monotonic() - started < 20
+    assert stats.startswith("**Interrupted**") and 1 <= len(images) < 16
+    assert f"after {len(images)} of 16 images" in stats
+    after, _, after_stats = queued.result(timeout=60)
+    assert len(after) == 1 and "Interrupted" not in after_stats
+
+
+def test_models_load_and_unload(client):
+    message = client.predict("tiny-sd15", "64x64", api_name="/load_model")[2]
+    assert message.startswith("Loaded **tiny-sd15@64x64**")
+    table = client.predict("tiny-sd15", "64x64", api_name="/unload_model")[0]
+    rows = {(row[0], row[3]): row for row in table["data"]}
+    assert rows[("tiny-sd15", "64x64")][5] == ""
+    assert "compile_all.py" not in rows[("tiny-sd15", "64x64")][6]
+
+
+def test_png_info_reads_our_parameters(client, tmp_path):
+    from gradio_client import handle_file
+
+    from engine.infotext import png_with_parameters
+
+    path = tmp_path / "a1111.png"
+    text = "a cat\nNegative prompt: dog\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 9, Size: 512x512"
+    path.write_bytes(png_with_parameters(Image.new("RGB", (8, 8)), text))
+    parameters, table = client.predict(handle_file(str(path)), api_name="/png_info")
+    assert parameters == text and "<th>Sampler</th><td>Euler a</td>" in table
+
+
+def _image_number(job) -> int:
+    """Which image of its batch a job is making, from its progress line ("Image 3/16 · step ...")."""
+    text = " ".join(unit.desc or "" for unit in (job.status().progress_data or []))
+    match = re.search(r"Image (\d+)/", text)
+    return int(match.group(1)) if match else 0
+
+
+def _wait_for(condition, what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# --- settings (no server needed) -----------------------------------------------------------------
+
+def test_settings_from_flags_and_environment(tmp_path):
+    auth_file = tmp_path / "users.txt"
+    auth_file.write_text("# team\nalice:wonder\n\nbob:builder\n")
+    env = {"SD_BACKEND": "eager", "GRADIO_SERVER_PORT": "9000", "SD_MAX_WARM": "3", "SD_REGISTRY": "reg.yaml"}
+    settings = parse_settings(["--port", "9001", "--auth-file", str(auth_file), "--preload", "a, b@512x768",
+                               "--share"], env)
+    assert settings == AppSettings(registry=Path("reg.yaml"), backend="eager", port=9001, share=True,
+                                   auth=(("alice", "wonder"), ("bob", "builder")),
+                                   preload=(Preload("a"), Preload("b", "512x768")), max_warm=3)
+    assert not settings.share_without_auth
+
+
+def test_settings_defaults_and_share_warning():
+    from engine.registry import DEFAULT_REGISTRY
+
+    settings = parse_settings(["--share"], {})
+    assert (settings.registry, settings.host, settings.port, settings.backend) == (
+        DEFAULT_REGISTRY, "127.0.0.1", 7860, "auto")
+    assert settings.outputs == Path("outputs") and settings.concurrency == 1
+    assert settings.share_without_auth and "anyone with the public link" in SHARE_WARNING
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--auth", "nopassword"], "expected USER:PASS"),
+    (["--max-warm", "0"], "--max-warm must be at least 1"),
+    (["--port", "http"], "--port must be an integer"),
+    (["--auth-file", "/nonexistent/users"], "cannot read it"),
+])
+def test_bad_settings_are_named(argv, message):
+    with pytest.raises(SettingsError, match=message):
+        parse_settings(argv, {})
