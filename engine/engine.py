@@ -1,6 +1,7 @@
 """The Engine facade: the one way to generate images, list models and manage warm pipelines."""
 from __future__ import annotations
 
+import gc
 import logging
 import random
 import time
@@ -15,7 +16,8 @@ from .compile import expected_fingerprint
 from .errors import Cancelled, InvalidRequest, UnsupportedResolution
 from .images import fit_image
 from .infotext import format_infotext, png_with_parameters
-from .pipelines import WarmPipeline, load_compiled, load_eager
+from .pipelines import WarmPipeline, load_compiled, load_eager, warm_up
+from .placement import CorePlan, Footprint, PlacedBackend, footprint_from_manifest
 from .pool import WarmPool
 from .registry import ModelSpec, Registry
 from .samplers import check_sampler
@@ -80,7 +82,15 @@ class Engine:
         self.registry = registry
         self.backend = backend
         self.settings = settings
-        self.pool = WarmPool(self._load_variant, settings.max_warm)
+        # On NeuronCores a warm model also needs device memory on a core pair: the plan says where
+        # each one sits, and the pool evicts by it as well as by count.
+        self.core_plan: Optional[CorePlan] = (
+            CorePlan(backend.core_inventory(), self._footprint) if isinstance(backend, PlacedBackend) else None)
+        if self.core_plan is None:
+            self.pool = WarmPool(self._load_variant, settings.max_warm)
+        else:
+            self.pool = WarmPool(self._load_variant, settings.max_warm, on_evict=_release_device_memory,
+                                 core_plan=self.core_plan)
 
     # --- models and warm pipelines -------------------------------------------------------------
 
@@ -103,17 +113,33 @@ class Engine:
         return artifacts.variant_status(directory, expected_fingerprint(spec, size, self.backend)).state
 
     def status(self) -> dict[str, Any]:
-        return {
+        """Backend, versions and the warm pipelines: load time, peak host RSS while loading, cores.
+
+        On neuron also ``neuron``: the visible cores and, per core pair, which models sit on it and
+        the device memory used / left per core; ``loading`` lists models not ready yet.
+        """
+        inventory = self.core_plan.inventory if self.core_plan is not None else None
+        status: dict[str, Any] = {
             "backend": self.backend.name,
             "device": str(self.backend.device),
             "versions": self.backend.stack_versions(),
             "max_warm": self.pool.max_warm,
             "warm": [
                 {"model": i.key.model, "size": str(i.key.size or "any"), "in_use": i.in_use,
-                 "load_seconds": round(i.load_seconds, 3), "device_ids": list(i.device_ids)}
+                 "load_seconds": round(i.load_seconds, 3), "device_ids": list(i.device_ids),
+                 "peak_rss_mb": round(i.peak_rss_bytes / 2**20, 1), "warmup_seconds": round(i.warmup_seconds, 3),
+                 **({"physical_cores": list(inventory.physical_ids(i.device_ids))} if inventory else {})}
                 for i in self.pool.snapshot()
             ],
+            "loading": [
+                {"model": i.key.model, "size": str(i.key.size or "any"), "seconds": round(time.time() - i.since, 1),
+                 "device_ids": list(i.device_ids)}
+                for i in self.pool.loading()
+            ],
         }
+        if self.core_plan is not None:
+            status["neuron"] = self.core_plan.describe()
+        return status
 
     def load(self, model: str, size: Optional[Size] = None) -> WarmPipeline:
         """Warm ``model`` at ``size`` (default: its first resolution) without generating."""
@@ -134,8 +160,22 @@ class Engine:
         log.info("loading %s on %s", key, self.backend.name)
         if self.backend.fixed_shape:
             assert key.size is not None
-            return load_compiled(self.registry, spec, key.size, self.backend)
+            if self.core_plan is None:
+                return load_compiled(self.registry, spec, key.size, self.backend)
+            placement = self.core_plan.placement(key)  # reserved by the pool before this load
+            device_ids = placement.device_ids if placement is not None else ()
+            warm = load_compiled(self.registry, spec, key.size, self.backend, device_ids)
+            seconds = warm_up(warm)  # the first Neuron inference is 3-4x slower: pay it before "ready"
+            log.info("%s ready on NeuronCores %s (load %.1fs, warm-up %.1fs)", key, list(device_ids),
+                     warm.load_seconds, seconds)
+            return warm
         return load_eager(spec, self.backend)
+
+    def _footprint(self, key: VariantKey) -> Footprint:
+        """Device memory of a compiled variant, from its manifest (zero if absent: loading will say why)."""
+        assert key.size is not None
+        directory = artifacts.variant_dir(self.registry.artifacts_dir, key.model, key.size, self.backend.name)
+        return footprint_from_manifest(artifacts.read_manifest(directory) or {})
 
     # --- generation ---------------------------------------------------------------------------
 
@@ -212,6 +252,13 @@ class Engine:
             infotext = _infotext(request, resolved, seed, self.backend.name)
             images.append(GeneratedImage(image, seed, infotext, png_with_parameters(image, infotext)))
         return images, clock
+
+
+def _release_device_memory(warm: WarmPipeline) -> None:
+    """Evicted from NeuronCores: drop the compiled modules now so the runtime unloads their NEFFs
+    before the next model is loaded into the freed memory."""
+    warm.components.clear()
+    gc.collect()
 
 
 def _call_kwargs(request: GenerateRequest, resolved: _Resolved, init_image: Any, seed: int, device: Any) -> dict[str, Any]:

@@ -1,0 +1,392 @@
+"""The ``neuron`` backend: Stable Diffusion on AWS Inferentia2 / Trainium NeuronCores via torch-neuronx.
+
+The compile recipe follows the aws-neuron-samples Stable Diffusion notebooks (SD 1.5, SD 2.1, SDXL):
+
+* every component is traced with ``torch_neuronx.trace`` from the same traceable wrappers the cpu
+  backend uses (``engine.families``), weights inlined into the NEFF;
+* while tracing, ``neuron_attention(family)`` swaps diffusers' attention scores for a plain
+  ``bmm * scale -> softmax`` that neuronx-cc fuses (``NEURON_FUSE_SOFTMAX=1``), and restores the
+  original afterwards, even on error;
+* compiler arguments per component come from ``compiler_args``;
+* the UNet is compiled for one row per core (batch 1) and served with ``torch_neuronx.DataParallel``
+  over a core pair, so the classifier-free-guidance pair of every step runs one row per core; the
+  manifest records that layout and ``CompiledUNet`` is fed batches of two;
+* ``async_load`` on every component and ``lazy_load`` on the UNet, as the samples do, so loading
+  overlaps and the UNet reaches its cores only at the first call (the pool's warm-up generation).
+
+``torch_neuronx`` is imported when a ``NeuronBackend`` is created, never at module import, so the
+rest of the engine runs where the Neuron SDK is absent; a missing or placeholder SDK raises
+``BackendUnavailable``. ``apply_neuron_environment`` is the one function in the project that
+writes ``os.environ`` (the Neuron variables the compiler must see); ``visible_cores_setting``
+reads the runtime's ``NEURON_RT_VISIBLE_CORES``. See docs/inferentia.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ArtifactMismatch, BackendUnavailable, CompileError
+from ..families import UNET, VAE_DECODER, Family
+from ..placement import CoreInventory, discover_cores, footprint_from_manifest
+from .base import COMPONENT_FILE, Backend, input_specs
+
+log = logging.getLogger(__name__)
+
+# Neuron variables the compile recipe depends on (set before torch_neuronx is imported).
+NEURON_ENVIRONMENT = {"NEURON_FUSE_SOFTMAX": "1"}
+VISIBLE_CORES_VARIABLE = "NEURON_RT_VISIBLE_CORES"
+
+# The UNet runs DataParallel over this many cores, one row of the CFG pair on each.
+UNET_CORES = 2
+COMPILER_WORKDIR = "compiler_workdir"
+COMPILER_LOG = "log-neuron-cc.txt"
+
+SDK_HINT = (
+    "The neuron backend needs the AWS Neuron SDK (torch-neuronx and neuronx-cc), which only installs from "
+    "https://pip.repos.neuron.amazonaws.com: on an inf2/trn1 instance run "
+    "`source /opt/aws_neuron_venv_pytorch/bin/activate` (Neuron Deep Learning AMI) before starting. "
+    "PyPI's torch-neuronx and neuronx-cc are empty placeholders. Use --backend cpu elsewhere; see docs/inferentia.md.")
+
+
+def apply_neuron_environment() -> dict[str, str]:
+    """Set the Neuron variables the compile recipe needs; the one place this project writes ``os.environ``.
+
+    ``NEURON_FUSE_SOFTMAX=1`` lets neuronx-cc fuse the softmax of the patched attention (see
+    ``neuron_attention``). It must be in the environment before ``torch_neuronx`` is imported and
+    before the compiler subprocess starts, so ``NeuronBackend`` calls this first. Returns what was set.
+    """
+    for name, value in NEURON_ENVIRONMENT.items():
+        os.environ[name] = value
+    return dict(NEURON_ENVIRONMENT)
+
+
+def visible_cores_setting() -> Optional[str]:
+    """``NEURON_RT_VISIBLE_CORES`` as the Neuron runtime reads it (read-only), or None when unset."""
+    return os.environ.get(VISIBLE_CORES_VARIABLE) or None
+
+
+def import_sdk() -> ModuleType:
+    """``torch_neuronx`` (after ``apply_neuron_environment``); ``BackendUnavailable`` if it cannot be used."""
+    apply_neuron_environment()
+    try:
+        sdk = importlib.import_module("torch_neuronx")
+    except ImportError as exc:
+        raise BackendUnavailable(f"torch_neuronx is not installed ({exc}). {SDK_HINT}") from None
+    except Exception as exc:  # the PyPI placeholder raises on import; report it as unavailable
+        raise BackendUnavailable(f"torch_neuronx cannot be imported ({type(exc).__name__}: {exc}). {SDK_HINT}") from None
+    if not callable(getattr(sdk, "trace", None)):
+        raise BackendUnavailable(f"torch_neuronx has no trace() (a placeholder package?). {SDK_HINT}")
+    return sdk
+
+
+def _version_of(module_name: str, distribution: str) -> str:
+    try:
+        version = getattr(importlib.import_module(module_name), "__version__", None)
+    except Exception:  # an absent compiler is reported as "unknown", not fatal for serving
+        version = None
+    if version:
+        return str(version)
+    try:
+        from importlib.metadata import version as dist_version
+
+        return dist_version(distribution)
+    except Exception:
+        return "unknown"
+
+
+# --- compiler arguments ---------------------------------------------------------------------------
+
+
+def compiler_args(family: Family, component: str, dtype: str, optlevel: Optional[int] = None) -> list[str]:
+    """neuronx-cc arguments for one component.
+
+    * ``--model-type=unet-inference`` for the UNet and the VAE decoder (U-Net shaped graphs);
+    * ``--enable-fast-loading-neuron-binaries`` everywhere except the SDXL UNet (the samples leave it
+      out there; the uncompressed binary of a 2.6B-parameter UNet is too large to gain from it);
+    * precision from the registry dtype: fp32 is ``--auto-cast none`` (neuronx-cc otherwise casts
+      matrix multiplications to bf16 by default), bf16 is ``--auto-cast matmult --auto-cast-type bf16``;
+    * ``-O1``/``-O2``/``-O3`` when ``optlevel`` is given (the compiler's default is 2).
+    """
+    args: list[str] = []
+    if component in (UNET, VAE_DECODER):
+        args.append("--model-type=unet-inference")
+    if not (family.name == "sdxl" and component == UNET):
+        args.append("--enable-fast-loading-neuron-binaries")
+    if dtype == "bf16":
+        args += ["--auto-cast", "matmult", "--auto-cast-type", "bf16"]
+    elif dtype == "fp32":
+        args += ["--auto-cast", "none"]
+    else:
+        raise CompileError(f"the neuron backend compiles fp32 or bf16, not {dtype!r}")
+    if optlevel is not None:
+        if optlevel not in (1, 2, 3):
+            raise CompileError(f"neuronx-cc optimization level must be 1, 2 or 3, got {optlevel!r}")
+        args.append(f"-O{optlevel}")
+    return args
+
+
+# --- the attention patch --------------------------------------------------------------------------
+
+
+def _bmm_softmax(query: torch.Tensor, key: torch.Tensor, scale: float, upcast: bool) -> torch.Tensor:
+    """``softmax(q @ k^T * scale)`` as one bmm, a multiply and a softmax neuronx-cc can fuse.
+
+    For self-attention (square scores) the samples compute ``k @ q^T``, soft-max over dim 1 and
+    transpose back: the same probabilities in the layout the compiler handles best.
+    """
+    if query.shape == key.shape:
+        scores = torch.bmm(key, query.transpose(-1, -2)) * scale
+        if upcast:
+            scores = scores.float()
+        return scores.softmax(dim=1).permute(0, 2, 1)
+    scores = torch.bmm(query, key.transpose(-1, -2)) * scale
+    if upcast:
+        scores = scores.float()
+    return scores.softmax(dim=-1)
+
+
+def _sd_attention_scores(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """SD 1.x / 2.x: honour ``upcast_attention`` / ``upcast_softmax`` (SD 2.1-768 sets them)."""
+
+    def get_attention_scores(self: Any, query: torch.Tensor, key: torch.Tensor,
+                             attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if attention_mask is not None:  # never the case in SD UNets/VAEs; keep the exact path anyway
+            return original(self, query, key, attention_mask)
+        dtype = query.dtype
+        if self.upcast_attention:
+            query, key = query.float(), key.float()
+        return _bmm_softmax(query, key, self.scale, bool(self.upcast_softmax)).to(dtype)
+
+    return get_attention_scores
+
+
+def _sdxl_attention_scores(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """SDXL: no upcasting (as in the SDXL sample), same scale rule."""
+
+    def get_attention_scores(self: Any, query: torch.Tensor, key: torch.Tensor,
+                             attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if attention_mask is not None:
+            return original(self, query, key, attention_mask)
+        return _bmm_softmax(query, key, self.scale, upcast=False)
+
+    return get_attention_scores
+
+
+@contextlib.contextmanager
+def neuron_attention(family: Family) -> Iterator[None]:
+    """While active, diffusers attention computes its scores with ``_bmm_softmax``.
+
+    The scale is always the layer's own ``attn.scale`` (``dim_head ** -0.5``): 0.125 for the 64-wide
+    heads of SD 2.x and SDXL (the SD 2 sample hard-codes it), 1/sqrt(40|80|160) for SD 1.5's heads,
+    where a constant would be wrong. Under torch 2 diffusers' default processor
+    (``AttnProcessor2_0``) calls ``scaled_dot_product_attention`` and never ``get_attention_scores``,
+    so it is routed through the classic ``AttnProcessor`` path for the duration as well. Both class
+    attributes are restored on exit, error or not.
+    """
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    original_scores = Attention.__dict__["get_attention_scores"]
+    original_call = AttnProcessor2_0.__dict__["__call__"]
+    make = _sdxl_attention_scores if family.name == "sdxl" else _sd_attention_scores
+    Attention.get_attention_scores = make(original_scores)
+    AttnProcessor2_0.__call__ = AttnProcessor.__call__
+    try:
+        yield
+    finally:
+        Attention.get_attention_scores = original_scores
+        AttnProcessor2_0.__call__ = original_call
+
+
+# --- the backend ----------------------------------------------------------------------------------
+
+
+class NeuronBackend(Backend):
+    """Compiles with neuronx-cc, loads NEFF-backed TorchScript onto NeuronCores.
+
+    ``inventory`` fixes the cores (tests, or a caller that discovered them); by default they are
+    discovered on first use, honouring ``NEURON_RT_VISIBLE_CORES``. ``optlevel`` is passed to the
+    compiler as ``-O<n>``. ``keep_compiler_workdirs`` keeps each component's neuronx-cc work
+    directory (HLO, NEFF, logs) inside the published artifact for debugging; by default it is
+    deleted after a successful compile (it holds another copy of the weights).
+    """
+
+    name = "neuron"
+    fixed_shape = True
+
+    def __init__(self, inventory: Optional[CoreInventory] = None, optlevel: Optional[int] = None,
+                 keep_compiler_workdirs: bool = False):
+        self._sdk = import_sdk()
+        self._inventory = inventory
+        self.optlevel = optlevel
+        self.keep_compiler_workdirs = keep_compiler_workdirs
+        self._versions: Optional[dict[str, str]] = None
+
+    # --- identity ---------------------------------------------------------------------------------
+
+    def stack_versions(self) -> dict[str, str]:
+        if self._versions is None:
+            import diffusers
+
+            self._versions = {
+                "torch": torch.__version__,
+                "torch-neuronx": _version_of("torch_neuronx", "torch-neuronx"),
+                "neuronx-cc": _version_of("neuronxcc", "neuronx-cc"),
+                "diffusers": diffusers.__version__,
+            }
+        return dict(self._versions)
+
+    def stack_key(self) -> str:
+        # A NEFF loads only on the compiler / runtime release that wrote it.
+        versions = self.stack_versions()
+        return f"neuronx-cc={versions['neuronx-cc']},torch-neuronx={versions['torch-neuronx']}"
+
+    def core_inventory(self) -> CoreInventory:
+        """The NeuronCores this process may use (discovered once)."""
+        if self._inventory is None:
+            self._inventory = discover_cores(visible_cores_setting())
+            log.info("neuron backend: %s", self._inventory.describe())
+        return self._inventory
+
+    def target(self) -> dict[str, Any]:
+        return {
+            "platform": "neuron",
+            "neuron_core": "v2 (inf2, trn1)",
+            "cores_per_model": UNET_CORES,
+            "unet": {"batch_per_core": 1, "cores": UNET_CORES, "batch_per_call": UNET_CORES,
+                     "data_parallel": "torch_neuronx.DataParallel, set_dynamic_batching=False"},
+            "other_components": "one core (the pair's home core)",
+        }
+
+    def check_target(self, manifest: dict[str, Any], command: str) -> None:
+        """Refuse artifacts from another compiler release, or ones the visible cores cannot hold."""
+        where = manifest.get("model", "this model")
+        recompile = f"recompile here with `{command} --force`"
+        built = manifest.get("versions") or {}
+        here = self.stack_versions()
+        for name in ("neuronx-cc", "torch-neuronx"):
+            if built.get(name) != here[name]:
+                raise ArtifactMismatch(
+                    f"{where} {manifest.get('size', '')} was compiled with {name} {built.get(name, 'unknown')}, "
+                    f"this machine has {name} {here[name]}; Neuron binaries load only on the release that built "
+                    f"them: {recompile}")
+        target = manifest.get("target") or {}
+        layout = target.get("unet") or {}
+        unet_entry = (manifest.get("components") or {}).get(UNET, {})
+        per_core, cores = layout.get("batch_per_core"), layout.get("cores")
+        if (target.get("platform") != "neuron" or not per_core or not cores
+                or per_core * cores != layout.get("batch_per_call") or unet_entry.get("batch") != per_core * cores):
+            raise ArtifactMismatch(
+                f"{where} {manifest.get('size', '')} has no Neuron UNet batch layout this backend can run "
+                f"(target {target or 'missing'}); {recompile}")
+        inventory = self.core_inventory()
+        needed = int(target.get("cores_per_model", cores))
+        if inventory.count < needed:
+            raise ArtifactMismatch(
+                f"{where} {manifest.get('size', '')} needs {needed} NeuronCores (its UNet runs DataParallel over "
+                f"{cores} cores, batch {per_core} each) but this process sees {inventory.describe()}. Make at least "
+                f"{needed} cores visible (e.g. NEURON_RT_VISIBLE_CORES=0-{needed - 1}), or {recompile} for this "
+                f"layout once it is supported")
+        footprint = footprint_from_manifest(manifest)
+        if footprint.home_core_bytes > inventory.hbm_bytes_per_core:
+            raise ArtifactMismatch(
+                f"{where} {manifest.get('size', '')} needs {footprint.home_core_bytes / 2**30:.1f} GiB on one "
+                f"NeuronCore, more than its {inventory.hbm_bytes_per_core / 2**30:.1f} GiB; set dtype: bf16 for it "
+                f"in the registry and {recompile}")
+
+    # --- compiling --------------------------------------------------------------------------------
+
+    def tracing(self, family: Family) -> contextlib.AbstractContextManager[None]:
+        return neuron_attention(family)
+
+    def compile_component(
+        self, family: Family, component: str, module: nn.Module, example_inputs: Sequence[torch.Tensor],
+        out_dir: Path, dtype: str,
+    ) -> dict[str, Any]:
+        args = compiler_args(family, component, dtype, self.optlevel)
+        inputs = tuple(example_inputs)
+        layout: Optional[dict[str, int]] = None
+        if component == UNET:
+            # Compile one core's share of the CFG pair; DataParallel splits each call across the pair.
+            per_call = int(inputs[0].shape[0])
+            if per_call % UNET_CORES:
+                raise CompileError(f"the UNet example batch {per_call} does not split over {UNET_CORES} cores")
+            per_core = per_call // UNET_CORES
+            inputs = tuple(x[:per_core] for x in inputs)
+            layout = {"batch_per_core": per_core, "cores": UNET_CORES, "batch_per_call": per_call}
+        workdir = out_dir / COMPILER_WORKDIR
+        started = time.perf_counter()
+        try:
+            with torch.no_grad():
+                traced = self._sdk.trace(module.eval(), inputs, compiler_workdir=str(workdir),
+                                         compiler_args=args, inline_weights_to_neff=True)
+        except Exception as exc:  # compiler failures come in many types; report them as one
+            raise CompileError(
+                f"neuronx-cc failed on {component} ({' '.join(args)}): {exc}{_log_tail(workdir)}") from exc
+        # As in the samples: load NEFFs in the background, and the UNet only at its first call (which
+        # is when DataParallel has put a replica on each core of its pair).
+        self._sdk.async_load(traced)
+        if component == UNET:
+            self._sdk.lazy_load(traced)
+        torch.jit.save(traced, str(out_dir / COMPONENT_FILE))
+        seconds = time.perf_counter() - started
+        if not self.keep_compiler_workdirs:
+            shutil.rmtree(workdir, ignore_errors=True)
+        entry: dict[str, Any] = {
+            "file": f"{out_dir.name}/{COMPONENT_FILE}",
+            "inputs": input_specs(inputs),
+            # What one call of the loaded runner takes: CompiledUNet / run_fixed_batch feed exactly this.
+            "batch": layout["batch_per_call"] if layout else int(inputs[0].shape[0]),
+            "input_dtype": "float32",  # precision is the compiler's auto-cast, not the input dtype
+            "compiler_args": args,
+            "compiler_workdir": f"{out_dir.name}/{COMPILER_WORKDIR}" if self.keep_compiler_workdirs else None,
+            "compile_seconds": round(seconds, 3),
+        }
+        if layout:
+            entry["layout"] = layout
+        return entry
+
+    # --- loading ----------------------------------------------------------------------------------
+
+    def load_component(
+        self, component: str, path: Path, entry: dict[str, Any], device_ids: Optional[Sequence[int]] = None
+    ) -> Callable[..., Any]:
+        """The UNet as ``DataParallel`` over ``device_ids``; anything else on ``device_ids[0]``."""
+        ids = list(device_ids) if device_ids else list(self.core_inventory().pairs()[0])
+        if component == UNET:
+            cores = int((entry.get("layout") or {}).get("cores", UNET_CORES))
+            if len(ids) < cores:
+                raise ArtifactMismatch(f"the UNet runs on {cores} NeuronCores; it was given {ids}")
+            module = _jit_load(path)
+            return self._sdk.DataParallel(module, ids[:cores], set_dynamic_batching=False)
+        experimental = importlib.import_module("torch_neuronx.experimental")
+        with experimental.neuron_cores_context(start_nc=ids[0], nc_count=1):
+            return _jit_load(path)
+
+
+def _jit_load(path: Path) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.load(str(path))
+
+
+def _log_tail(workdir: Path, lines: int = 20) -> str:
+    """The end of the compiler's log, for error messages (the work directory is discarded after)."""
+    logs = sorted(workdir.rglob(COMPILER_LOG)) if workdir.is_dir() else []
+    if not logs:
+        return ""
+    try:
+        tail = logs[-1].read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "\n--- neuronx-cc log (last lines) ---\n" + "\n".join(tail)
