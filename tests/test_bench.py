@@ -106,3 +106,14 @@ def test_cli_registers_bench(tmp_path: Path, compiled_registry, capsys):
     printed = capsys.readouterr().out
     assert "tiny-sdxl" in printed and "$1.5/h as given" in printed
     assert (out / "bench.csv").is_file() and (out / "bench.png").is_file()
+
+
+def test_each_view_gets_a_fresh_scheduler_copy(cpu_engine):
+    """The scheduler prototype cache (a speed fix) still gives every request a scheduler of its own."""
+    warm = cpu_engine.load("tiny-sd15")
+    first, second = warm.view("txt2img", "DPM++ 2M"), warm.view("txt2img", "DPM++ 2M")
+    assert first.scheduler is not second.scheduler
+    first.scheduler.set_timesteps(5)
+    assert second.scheduler.num_inference_steps is None
+    assert dict(first.scheduler.config) == dict(second.scheduler.config)
+    assert type(warm.view("txt2img", "Euler a").scheduler).__name__ == "EulerAncestralDiscreteScheduler"
