@@ -1,0 +1,374 @@
+"""The neuron backend's call contract with torch-neuronx, checked WITHOUT Neuron hardware.
+
+Every test named ``*recorded*`` runs the real engine code (compile, manifest, load, placement,
+generate) against ``tests/neuron_recorder.py``'s RECORDING STAND-IN for ``torch_neuronx``: it
+records what the backend asks of the SDK and returns plain TorchScript traces, so the artifacts
+load and generate on CPU. What the Neuron compiler and runtime do with those calls is not tested
+here; ``test_real_hardware_*`` (marked ``neuron``) does that on an inf2/trn1 machine.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import re
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import neuron_recorder
+from engine import (ArtifactMismatch, BackendUnavailable, CompileError, Engine, EngineSettings, GenerateRequest,
+                    Size)
+from engine.backends import make_backend
+from engine.backends.neuron import NeuronBackend, compiler_args, neuron_attention
+from engine.compile import compile_all, compile_variant, plan
+from engine.families import FAMILIES
+from engine.pipelines import load_compiled
+from engine.placement import GIB, CoreInventory, footprint_from_manifest
+from engine.registry import load_registry
+from engine import artifacts
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = {"sd15": "tiny-sd15", "sd21": "tiny-sd21", "sdxl": "tiny-sdxl"}
+SIZE = Size(64, 64)
+HAS_NEURON_DEVICE = bool(glob.glob("/dev/neuron[0-9]*"))
+
+
+def write_registry(tiny_dir: Path, directory: Path, models: list[str], dtype: str = "fp32") -> Path:
+    """A registry over the tiny models (64x64 only) with its own artifacts directory."""
+    data = yaml.safe_load((tiny_dir / "model_registry.yaml").read_text())
+    entries = [dict(m, source={"local": str(tiny_dir / m["source"]["local"])}, resolutions=[str(SIZE)], dtype=dtype)
+               for m in data["models"] if m["id"] in models]
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "registry.yaml"
+    path.write_text(yaml.safe_dump({"artifacts_dir": str(directory / "artifacts"), "default_model": models[0],
+                                    "models": entries}))
+    return path
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def recorded(tiny_dir, tmp_path_factory):
+    """The three tiny families compiled for the neuron backend through the RECORDING stand-in.
+
+    The stand-in stays installed for this module's tests; ``traces`` keeps the compile's records.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        recorder = neuron_recorder.install(mp)
+        registry = load_registry(write_registry(tiny_dir, tmp_path_factory.mktemp("neuron"), list(MODELS.values())))
+        backend = NeuronBackend(inventory=CoreInventory((0, 1, 2, 3), 16 * GIB, "test: inf2.8xlarge-like"))
+        outcomes = compile_all(registry, backend, log=lambda line: None)
+        assert [o.state for o in outcomes] == ["compiled"] * 3, outcomes
+        yield SimpleNamespace(recorder=recorder, registry=registry, backend=backend, traces=list(recorder.traces),
+                              monkeypatch=mp)
+
+
+def manifest_of(recorded, model: str) -> dict:
+    directory = artifacts.variant_dir(recorded.registry.artifacts_dir, model, SIZE, "neuron")
+    manifest = artifacts.read_manifest(directory)
+    assert manifest is not None
+    return manifest
+
+
+def trace_of(recorded, model: str, component: str):
+    # <artifacts>/<model>/<size>/.partial-.../<component>/compiler_workdir
+    [trace] = [t for t in recorded.traces if t.component == component and t.compiler_workdir.parents[3].name == model]
+    return trace
+
+
+# --- compile recipe ---------------------------------------------------------------------------------------
+
+
+EXPECTED_FP32_ARGS = {
+    ("sd15", "text_encoder"): ["--enable-fast-loading-neuron-binaries", "--auto-cast", "none"],
+    ("sd15", "unet"): ["--model-type=unet-inference", "--enable-fast-loading-neuron-binaries", "--auto-cast", "none"],
+    ("sd15", "vae_decoder"): ["--model-type=unet-inference", "--enable-fast-loading-neuron-binaries",
+                              "--auto-cast", "none"],
+    ("sd15", "vae_encoder"): ["--enable-fast-loading-neuron-binaries", "--auto-cast", "none"],
+    ("sdxl", "text_encoder"): ["--enable-fast-loading-neuron-binaries", "--auto-cast", "none"],
+    ("sdxl", "text_encoder_2"): ["--enable-fast-loading-neuron-binaries", "--auto-cast", "none"],
+    ("sdxl", "unet"): ["--model-type=unet-inference", "--auto-cast", "none"],  # no fast loading for the SDXL UNet
+    ("sdxl", "vae_decoder"): ["--model-type=unet-inference", "--enable-fast-loading-neuron-binaries",
+                              "--auto-cast", "none"],
+    ("sdxl", "vae_encoder"): ["--enable-fast-loading-neuron-binaries", "--auto-cast", "none"],
+}
+EXPECTED_FP32_ARGS.update({("sd21", c): args for (f, c), args in list(EXPECTED_FP32_ARGS.items()) if f == "sd15"})
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_recorded_compiler_args_per_component_and_family(recorded, family):
+    model = MODELS[family]
+    manifest = manifest_of(recorded, model)
+    assert set(manifest["components"]) == set(FAMILIES[family].components)
+    for component in FAMILIES[family].components:
+        trace = trace_of(recorded, model, component)
+        assert trace.compiler_args == EXPECTED_FP32_ARGS[(family, component)], (family, component)
+        assert trace.inline_weights_to_neff is True
+        assert manifest["components"][component]["compiler_args"] == trace.compiler_args
+
+
+def test_recorded_bf16_and_optlevel_reach_the_compiler(tiny_dir, tmp_path, monkeypatch):
+    recorder = neuron_recorder.install(monkeypatch)
+    registry = load_registry(write_registry(tiny_dir, tmp_path, ["tiny-sd21"], dtype="bf16"))
+    compile_variant(registry, registry.get("tiny-sd21"), SIZE,
+                    NeuronBackend(inventory=CoreInventory((0, 1)), optlevel=1), log=lambda line: None)
+    unet = recorder.traces_of("unet")[0]
+    assert unet.compiler_args == ["--model-type=unet-inference", "--enable-fast-loading-neuron-binaries",
+                                  "--auto-cast", "matmult", "--auto-cast-type", "bf16", "-O1"]
+    assert all(t.compiler_args[-5:] == ["--auto-cast", "matmult", "--auto-cast-type", "bf16", "-O1"]
+               for t in recorder.traces)
+    # the model stays fp32: precision is the compiler's auto-cast, inputs stay float32
+    manifest = artifacts.read_manifest(artifacts.variant_dir(registry.artifacts_dir, "tiny-sd21", SIZE, "neuron"))
+    assert manifest["dtype"] == "bf16"
+    assert {e["input_dtype"] for e in manifest["components"].values()} == {"float32"}
+    with pytest.raises(CompileError, match="1, 2 or 3"):
+        compiler_args(FAMILIES["sd15"], "unet", "fp32", optlevel=4)
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_recorded_unet_is_traced_per_core_and_the_manifest_records_the_layout(recorded, family):
+    model = MODELS[family]
+    manifest = manifest_of(recorded, model)
+    unet = manifest["components"]["unet"]
+    trace = trace_of(recorded, model, "unet")
+    # one row of the CFG pair per core ...
+    assert all(shape[0] == 1 for shape in trace.input_shapes)
+    assert [spec["shape"] for spec in unet["inputs"]] == [list(s) for s in trace.input_shapes]
+    # ... and two rows per call of the DataParallel runner, which is what CompiledUNet feeds
+    assert unet["batch"] == 2
+    assert unet["layout"] == {"batch_per_core": 1, "cores": 2, "batch_per_call": 2}
+    assert manifest["target"]["unet"]["batch_per_call"] == 2 and manifest["target"]["cores_per_model"] == 2
+    for component in ("text_encoder", "vae_decoder", "vae_encoder"):
+        assert trace_of(recorded, model, component).input_shapes[0][0] == 1
+    assert manifest["versions"]["neuronx-cc"] == neuron_recorder.RECORDED_NEURONX_CC_VERSION
+    assert manifest["versions"]["torch-neuronx"] == neuron_recorder.RECORDED_TORCH_NEURONX_VERSION
+
+
+def test_recorded_attention_patch_is_active_only_while_tracing(recorded):
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    original_scores = Attention.__dict__["get_attention_scores"]
+    original_call = AttnProcessor2_0.__dict__["__call__"]
+    for model in MODELS.values():
+        unet = trace_of(recorded, model, "unet")
+        assert unet.attention_scores is not original_scores  # patched while tracing ...
+        assert unet.sdpa_processor_call is AttnProcessor.__call__  # ... and routed through it
+        assert "aten::bmm" in unet.graph_ops and "aten::softmax" in unet.graph_ops
+        assert "aten::scaled_dot_product_attention" not in unet.graph_ops
+        assert unet.fuse_softmax == "1"
+    # ... and restored afterwards: the same UNet traced now goes through SDPA again
+    assert Attention.__dict__["get_attention_scores"] is original_scores
+    assert AttnProcessor2_0.__dict__["__call__"] is original_call
+
+
+def test_recorded_attention_patch_is_restored_after_a_compiler_error(tiny_dir, tmp_path, monkeypatch):
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    recorder = neuron_recorder.install(monkeypatch)
+    recorder.fail_components = {"unet"}
+    registry = load_registry(write_registry(tiny_dir, tmp_path, ["tiny-sd15"]))
+    original = (Attention.__dict__["get_attention_scores"], AttnProcessor2_0.__dict__["__call__"])
+    with pytest.raises(CompileError) as failure:
+        compile_variant(registry, registry.get("tiny-sd15"), SIZE, NeuronBackend(inventory=CoreInventory((0, 1))),
+                        log=lambda line: None)
+    message = str(failure.value)
+    assert "neuronx-cc failed on unet" in message and "--model-type=unet-inference" in message
+    assert "recorded stand-in: no compiler ran" in message  # the compiler log's tail
+    assert (Attention.__dict__["get_attention_scores"], AttnProcessor2_0.__dict__["__call__"]) == original
+    assert list(artifacts.leftover_partials(registry.artifacts_dir)) == []
+    assert artifacts.read_manifest(artifacts.variant_dir(registry.artifacts_dir, "tiny-sd15", SIZE, "neuron")) is None
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("dim_head", [40, 64])
+@pytest.mark.parametrize("upcast", [False, True])
+def test_patched_attention_scores_equal_diffusers(family, dim_head, upcast):
+    """bmm * attn.scale -> softmax gives diffusers' probabilities, for self- and cross-attention."""
+    from diffusers.models.attention_processor import Attention
+
+    attn = Attention(query_dim=2 * dim_head, heads=2, dim_head=dim_head, upcast_attention=upcast,
+                     upcast_softmax=upcast)
+    generator = torch.Generator().manual_seed(0)
+    for query_len, key_len in ((16, 16), (16, 7)):
+        query = torch.randn(4, query_len, dim_head, generator=generator)
+        key = torch.randn(4, key_len, dim_head, generator=generator)
+        expected = attn.get_attention_scores(query, key)
+        with neuron_attention(FAMILIES[family]):
+            patched = attn.get_attention_scores(query, key)
+        torch.testing.assert_close(patched, expected, rtol=1e-5, atol=1e-6)
+    assert attn.scale == pytest.approx(dim_head**-0.5)
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_recorded_compiler_workdirs_are_per_component_in_the_partial_directory(recorded, family):
+    model = MODELS[family]
+    final = artifacts.variant_dir(recorded.registry.artifacts_dir, model, SIZE, "neuron")
+    manifest = manifest_of(recorded, model)
+    for component in FAMILIES[family].components:
+        workdir = trace_of(recorded, model, component).compiler_workdir
+        assert workdir.name == "compiler_workdir" and workdir.parent.name == component
+        assert workdir.parent.parent.name.startswith(".partial-neuron-")  # the temporary artifact directory
+        assert workdir.parent.parent.parent == final.parent
+        assert not workdir.exists()  # published by rename, then never left lying around
+        assert not (final / component / "compiler_workdir").exists()  # removed after a good compile
+        assert manifest["components"][component]["compiler_workdir"] is None
+
+
+def test_recorded_async_load_everywhere_and_lazy_load_for_the_unet(recorded):
+    assert recorded.traces and all(t.async_loaded for t in recorded.traces)
+    assert {t.component for t in recorded.traces if t.lazy_loaded} == {"unet"}
+    assert len([t for t in recorded.traces if t.lazy_loaded]) == len(MODELS)
+
+
+# --- loading, placement, generating -------------------------------------------------------------------------
+
+
+def test_recorded_placement_puts_each_model_on_its_own_pair_when_memory_says_so(recorded):
+    """Device memory just above one model per core: three models on three pairs of six cores."""
+    footprints = [footprint_from_manifest(manifest_of(recorded, m)) for m in MODELS.values()]
+    hbm = int(max(f.home_core_bytes for f in footprints) * 1.05)
+    assert min(f.home_core_bytes for f in footprints) + min(f.unet_bytes for f in footprints) > hbm
+    backend = NeuronBackend(inventory=CoreInventory(tuple(range(10, 16)), hbm, "test"))
+    engine = Engine(recorded.registry, backend, EngineSettings(max_warm=3))
+    recorder = recorded.recorder
+    recorder.reset()
+    for model in MODELS.values():
+        engine.load(model)
+    assert [dp.device_ids for dp in recorder.data_parallels] == [[0, 1], [2, 3], [4, 5]]
+    assert all(dp.set_dynamic_batching is False for dp in recorder.data_parallels)
+    # text encoders and the VAE (decoder + encoder) go to the home core, one core each
+    expected_contexts = [(0, 1)] * 3 + [(2, 1)] * 3 + [(4, 1)] * 4  # sdxl has two text encoders
+    assert recorder.core_contexts == expected_contexts
+    # the warm-up generation ran the UNet on both cores with one row each, before load() returned
+    unet_shapes = [trace_of(recorded, m, "unet").input_shapes for m in MODELS.values()]
+    assert [dp.chunk_shapes[0] for dp in recorder.data_parallels] == unet_shapes
+    status = engine.status()
+    assert [(w["model"], w["device_ids"], w["physical_cores"]) for w in status["warm"]] == [
+        ("tiny-sd15", [0, 1], [10, 11]), ("tiny-sd21", [2, 3], [12, 13]), ("tiny-sdxl", [4, 5], [14, 15])]
+    assert [[m["model"] for m in pair["models"]] for pair in status["neuron"]["pairs"]] == [
+        ["tiny-sd15@64x64"], ["tiny-sd21@64x64"], ["tiny-sdxl@64x64"]]
+    for warm in status["warm"]:
+        assert warm["load_seconds"] > 0 and warm["warmup_seconds"] > 0 and warm["peak_rss_mb"] > 0
+    assert status["loading"] == []
+
+
+def test_recorded_models_share_a_pair_and_alternate_home_cores(recorded):
+    engine = Engine(recorded.registry, recorded.backend, EngineSettings(max_warm=3))
+    recorder = recorded.recorder
+    recorder.reset()
+    for model in MODELS.values():
+        engine.load(model)
+    assert [dp.device_ids for dp in recorder.data_parallels] == [[0, 1], [1, 0], [0, 1]]
+    pairs = engine.status()["neuron"]["pairs"]
+    assert len(pairs[0]["models"]) == 3 and pairs[1]["models"] == []
+    assert engine.unload("tiny-sd21") == 1
+    assert [m["model"] for m in engine.status()["neuron"]["pairs"][0]["models"]] == ["tiny-sd15@64x64",
+                                                                                   "tiny-sdxl@64x64"]
+
+
+@pytest.mark.parametrize("model", list(MODELS.values()))
+@pytest.mark.parametrize("img2img", [False, True], ids=["txt2img", "img2img"])
+def test_recorded_generate_matches_the_cpu_backend(recorded, cpu_engine, model, img2img):
+    """Per-core batch 1 x DataParallel(2) + the attention patch give the cpu backend's image."""
+    extra = {}
+    if img2img:
+        init = Image.new("RGB", (64, 64), (0, 0, 255))
+        init.paste((255, 0, 0), (16, 16, 48, 48))
+        extra = {"init_image": init, "strength": 0.6}
+    engine = Engine(recorded.registry, recorded.backend, EngineSettings(max_warm=1))
+    request = GenerateRequest(model=model, prompt="a small square", seed=123, steps=3, **extra)
+    neuron_image = engine.generate(request).images[0]
+    cpu_image = cpu_engine.generate(request).images[0]
+    assert np.abs(pixels(neuron_image.image) - pixels(cpu_image.image)).max() <= 1
+    assert "Backend: neuron" in neuron_image.infotext
+    assert Image.open(io.BytesIO(neuron_image.png)).size == (64, 64)
+
+
+# --- refusing what cannot run ---------------------------------------------------------------------------
+
+
+def test_recorded_artifact_from_another_compiler_release_is_refused(recorded, monkeypatch):
+    neuron_recorder.install(monkeypatch, neuronx_cc_version="2.22.1")
+    backend = NeuronBackend(inventory=CoreInventory((0, 1)))
+    assert [row.status.state for row in plan(recorded.registry, backend)] == ["stale"] * 3
+    with pytest.raises(ArtifactMismatch) as failure:
+        Engine(recorded.registry, backend).load("tiny-sd15")
+    message = str(failure.value)
+    assert f"neuronx-cc {neuron_recorder.RECORDED_NEURONX_CC_VERSION}" in message
+    assert "this machine has neuronx-cc 2.22.1" in message
+    command = artifacts.compile_command("tiny-sd15", SIZE, "neuron", recorded.registry.path)
+    assert f"`{command} --force`" in message and "--backend neuron" in command
+
+
+def test_recorded_artifact_needing_more_cores_than_present_is_refused(recorded):
+    spec = recorded.registry.get("tiny-sd15")
+    one_core = NeuronBackend(inventory=CoreInventory((3,), 16 * GIB, "test"))
+    with pytest.raises(ArtifactMismatch) as failure:
+        load_compiled(recorded.registry, spec, SIZE, one_core, (0,))
+    message = str(failure.value)
+    assert "needs 2 NeuronCores" in message and "NEURON_RT_VISIBLE_CORES=0-1" in message
+    assert artifacts.compile_command("tiny-sd15", SIZE, "neuron", recorded.registry.path) in message
+    with pytest.raises(BackendUnavailable, match="pair of NeuronCores"):
+        Engine(recorded.registry, one_core)
+
+
+def test_recorded_artifact_too_big_for_a_core_is_refused(recorded):
+    spec = recorded.registry.get("tiny-sd15")
+    tiny_memory = NeuronBackend(inventory=CoreInventory((0, 1), 1024, "test"))
+    with pytest.raises(ArtifactMismatch, match=r"needs 0\.0 GiB on one NeuronCore.*dtype: bf16.*--force"):
+        load_compiled(recorded.registry, spec, SIZE, tiny_memory, (0, 1))
+
+
+def test_missing_sdk_is_a_clear_backend_unavailable(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_neuronx", None)  # what an environment without the SDK looks like
+    with pytest.raises(BackendUnavailable) as failure:
+        make_backend("neuron")
+    message = str(failure.value)
+    assert "torch_neuronx is not installed" in message
+    assert "source /opt/aws_neuron_venv_pytorch/bin/activate" in message and "--backend cpu" in message
+    monkeypatch.setitem(sys.modules, "torch_neuronx", types.ModuleType("torch_neuronx"))  # no trace(): placeholder
+    with pytest.raises(BackendUnavailable, match="placeholder"):
+        make_backend("neuron")
+
+
+def test_neuron_environment_is_written_in_one_place_only(monkeypatch):
+    neuron_recorder.install(monkeypatch)
+    NeuronBackend(inventory=CoreInventory((0, 1)))
+    import os
+
+    assert os.environ["NEURON_FUSE_SOFTMAX"] == "1"
+    writes = re.compile(r"os\.environ\[[^]]+\]\s*=(?!=)|os\.environ\.(update|setdefault|pop)\(|os\.putenv\(")
+    writers = {str(path.relative_to(ROOT)) for path in (ROOT / "engine").rglob("*.py")
+               if writes.search(path.read_text(encoding="utf-8"))}
+    assert writers == {"engine/backends/neuron.py"}
+    source = (ROOT / "engine" / "backends" / "neuron.py").read_text(encoding="utf-8")
+    assert len(writes.findall(source)) == 1  # inside apply_neuron_environment
+
+
+# --- real hardware --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.neuron
+@pytest.mark.skipif(not HAS_NEURON_DEVICE, reason="needs a Neuron device (/dev/neuron*) and the Neuron SDK")
+def test_real_hardware_compile_and_generate_tiny_sd15(tiny_dir, tmp_path, cpu_engine):
+    """On an inf2/trn1 instance: neuronx-cc compiles the tiny SD1.5, it runs on a core pair, and
+    the image stays close to the cpu backend's (bf16 matmuls are not used: fp32 is --auto-cast none)."""
+    registry = load_registry(write_registry(tiny_dir, tmp_path, ["tiny-sd15"]))
+    backend = make_backend("neuron")
+    assert [o.state for o in compile_all(registry, backend, log=print)] == ["compiled"]
+    engine = Engine(registry, backend)
+    request = GenerateRequest(model="tiny-sd15", prompt="a small square", seed=123, steps=3)
+    image = engine.generate(request).images[0].image
+    status = engine.status()
+    assert status["warm"][0]["device_ids"] == [0, 1] and status["warm"][0]["warmup_seconds"] > 0
+    difference = np.abs(pixels(image) - pixels(cpu_engine.generate(request).images[0].image))
+    assert difference.mean() < 2.0
