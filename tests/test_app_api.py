@@ -197,3 +197,46 @@ def test_settings_defaults_and_share_warning():
 def test_bad_settings_are_named(argv, message):
     with pytest.raises(SettingsError, match=message):
         parse_settings(argv, {})
+
+
+# --- the eager backend, in process ----------------------------------------------------------------
+
+def test_eager_backend_takes_width_and_height_in_process(eager_engine, tmp_path, monkeypatch, caplog):
+    """On the any-size eager backend the sliders set the size; here the app runs in this process."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))  # read by gradio when it saves files
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    from gradio_client import Client
+
+    from ui import build_app
+
+    settings = AppSettings(registry=eager_engine.registry.path, backend="eager", outputs=tmp_path / "outputs")
+    demo = build_app(eager_engine, settings)
+    from ui_server import free_port
+
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False, download_files=str(tmp_path / "downloads"))
+        images, info, _ = client.predict(prompt="a wide one", model="tiny-sd15", width=96, height=64, steps=2,
+                                         seed=3, api_name="/txt2img")
+        assert _png_parameters(images[0]["image"])["_size"] == "96x64" and "Size: 96x64" in info
+        assert len(list((tmp_path / "outputs" / "txt2img-images").glob("*/00000-3.png"))) == 1
+        _unexpected_errors_are_generic_and_logged_once(client, eager_engine, monkeypatch, caplog)
+    finally:
+        demo.close()
+
+
+def _unexpected_errors_are_generic_and_logged_once(client, engine, monkeypatch, caplog) -> None:
+    from gradio_client.exceptions import AppError
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(engine, "generate", broken)
+    caplog.clear()
+    with pytest.raises(AppError, match="txt2img failed with an internal error; the details are in the server log"):
+        client.predict(prompt="x", steps=2, api_name="/txt2img")
+    logged = [r for r in caplog.records if r.name == "ui" and r.exc_info]
+    assert len(logged) == 1 and "disk on fire" in str(logged[0].exc_info[1])
+    monkeypatch.undo()
+    images, _, _ = client.predict(prompt="x", steps=2, api_name="/txt2img")
+    assert len(images) == 1

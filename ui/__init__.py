@@ -24,10 +24,14 @@ CSS = """
 #header_backend { text-align: right; opacity: 0.8; font-size: 0.9rem; }
 .generate-button { min-height: 5.2em !important; font-size: 1.2rem !important; font-weight: 600 !important; }
 [id$="_actions"] { gap: 6px !important; }
-[id$="_seed_row"] .tool { max-width: 3.2em; min-width: 3.2em !important; font-size: 1.2rem; align-self: end;
-                          height: 2.6em; }
+[id$="_seed_row"] .tool { max-width: 2.8em; min-width: 2.8em !important; font-size: 1.2rem; align-self: center;
+                          height: 2.4em; padding: 0 !important; }
+#models_actions button { max-height: 3em; align-self: center; }
 .stats p { margin: 0.2em 0.4em; font-family: ui-monospace, monospace; font-size: 0.85rem; opacity: 0.85; }
-.pnginfo-table th { text-align: left; padding-right: 1em; white-space: nowrap; vertical-align: top; }
+.pnginfo-table { width: 100%; border-collapse: collapse; font-size: 0.9rem; }
+.pnginfo-table th, .pnginfo-table td { border: none !important; border-bottom: 1px solid var(--border-color-primary) !important;
+                                       padding: 0.35em 0.6em !important; text-align: left; vertical-align: top; }
+.pnginfo-table th { width: 11em; white-space: nowrap; opacity: 0.75; font-weight: 600; }
 .pnginfo-table td { word-break: break-word; }
 #models_table td { font-size: 0.85rem; }
 footer { display: none !important; }
@@ -72,10 +76,10 @@ def build_app(engine: "Engine", settings: "AppSettings") -> "gr.Blocks":
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         with gr.Row(elem_id="header_row", equal_height=True):
             model = gr.Dropdown(choices, value=engine.registry.default_model, label="Stable Diffusion checkpoint",
-                                elem_id="sd_model_checkpoint", allow_custom_value=True, scale=2, min_width=260)
+                                elem_id="sd_model_checkpoint", allow_custom_value=True, scale=1, min_width=260)
             gr.Markdown(f"**{backend.name}** backend on `{backend.device}`"
                         + (" · compiled sizes only" if backend.fixed_shape else " · any size"),
-                        elem_id="header_backend")
+                        elem_id="header_backend", scale=2)
         with gr.Tabs(elem_id="tabs") as tabs:
             t2i = txt2img.build(ctx, model)
             i2i = img2img.build(ctx, model)

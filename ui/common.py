@@ -68,35 +68,36 @@ def translate_errors(what: str) -> Iterator[None]:
 # --- per-session interrupts ----------------------------------------------------------------------
 
 class Interrupts:
-    """One cancel flag per browser session (gradio's session hash), for the job it is running.
+    """The cancel flags of the jobs each browser session (gradio's session hash) is running.
 
-    ``Interrupt`` only ever sets the flag of the session that pressed it, so it cannot stop another
-    user's job. Flags live only while a job runs.
+    ``Interrupt`` only ever sets the flags of the session that pressed it, so it cannot stop another
+    user's job. A flag lives only while its job runs.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._flags: dict[str, threading.Event] = {}
+        self._flags: dict[str, set[threading.Event]] = {}
 
     def begin(self, session: str) -> threading.Event:
         flag = threading.Event()
         with self._lock:
-            self._flags[session] = flag
+            self._flags.setdefault(session, set()).add(flag)
         return flag
 
     def end(self, session: str, flag: threading.Event) -> None:
         with self._lock:
-            if self._flags.get(session) is flag:
-                del self._flags[session]
+            flags = self._flags.get(session, set())
+            flags.discard(flag)
+            if not flags:
+                self._flags.pop(session, None)
 
     def interrupt(self, session: str) -> bool:
-        """Flag this session's running job; False when it runs none."""
+        """Flag this session's running jobs; False when it runs none."""
         with self._lock:
-            flag = self._flags.get(session)
-        if flag is None:
-            return False
-        flag.set()
-        return True
+            flags = list(self._flags.get(session, ()))
+        for flag in flags:
+            flag.set()
+        return bool(flags)
 
 
 def session_of(request: Optional[gr.Request]) -> str:

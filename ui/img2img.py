@@ -29,14 +29,15 @@ def build(ctx: AppContext, model: gr.Dropdown) -> Img2ImgControls:
         prompt, negative, generate, interrupt = prompt_row(TAB)
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, elem_id=f"{TAB}_settings"):
-                init_image = gr.Image(label="Image for img2img", type="pil", image_mode="RGB", height=320,
+                init_image = gr.Image(label="Image for img2img", type="pil", image_mode="RGB", height=280,
                                       sources=["upload", "clipboard"], elem_id=f"{TAB}_image")
                 resize_mode = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], label="Resize mode",
                                        elem_id=f"{TAB}_resize_mode",
                                        info="how the image is fitted to the generation size")
-                params = parameter_controls(ctx, TAB, info)
                 strength = gr.Slider(0, 1, step=0.01, value=0.75, label="Denoising strength",
-                                     elem_id=f"{TAB}_denoising_strength")
+                                     elem_id=f"{TAB}_denoising_strength",
+                                     info="0 keeps the image, 1 replaces it")
+                params = parameter_controls(ctx, TAB, info)
             with gr.Column(scale=1, elem_id=f"{TAB}_results"):
                 gallery, stats, infotext = output_panel(TAB)
     controls = Img2ImgControls(TAB, prompt, negative, generate, interrupt, gallery=gallery, stats=stats,

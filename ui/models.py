@@ -74,13 +74,14 @@ def build(ctx: AppContext) -> None:
         status = gr.Markdown(status_markdown(ctx), elem_id="models_status")
         table = gr.Dataframe(model_rows(ctx, models), headers=COLUMNS, interactive=False, wrap=True,
                              elem_id="models_table", column_widths=["12%", "14%", "7%", "9%", "11%", "8%", "39%"])
-        with gr.Row(equal_height=True):
-            model = gr.Dropdown(ids, value=first.id if first else None, label="Model", elem_id="models_model")
+        with gr.Row(equal_height=True, elem_id="models_actions"):
+            model = gr.Dropdown(ids, value=first.id if first else None, label="Model", elem_id="models_model",
+                                scale=3)
             size = gr.Dropdown(_sizes(first), value=_sizes(first)[0] if first else None, label="Resolution",
-                               elem_id="models_size")
-            load = gr.Button("Load (warm up)", variant="primary", elem_id="models_load")
-            unload = gr.Button("Unload", elem_id="models_unload")
-            refresh = gr.Button("🔄 Refresh", elem_id="models_refresh")
+                               elem_id="models_size", scale=2)
+            load = gr.Button("Load (warm up)", variant="primary", elem_id="models_load", scale=1, min_width=130)
+            unload = gr.Button("Unload", elem_id="models_unload", scale=1, min_width=100)
+            refresh = gr.Button("🔄 Refresh", elem_id="models_refresh", scale=1, min_width=100)
         message = gr.Markdown(elem_id="models_message")
 
     def refresh_view() -> tuple[Any, Any]:
