@@ -163,3 +163,22 @@ def test_models_tab_lists_and_loads(page, screenshots):
     expect(page.locator("#models_message")).to_contain_text("Loaded tiny-sd21@64x64")
     expect(page.locator("#models_status")).to_contain_text("tiny-sd21")
     page.screenshot(path=str(screenshots / "models.png"), full_page=True)
+
+
+def test_model_defaults_batch_and_picking_an_image(page):
+    """Picking a model fills its registry defaults; Ctrl+Enter generates; clicking a thumbnail
+    shows that image's parameters."""
+    pick(page, "sd_model_checkpoint", "Tiny SDXL (tiny-sdxl)")
+    expect(page.locator("#txt2img_sampling input")).to_have_value("Euler")
+    expect(page.locator("#txt2img_cfg_scale input[type=number]")).to_have_value("5")
+    set_number(page, "txt2img_batch_count", 2)
+    prompt = page.locator("#txt2img_prompt textarea")
+    prompt.fill("two cats")
+    prompt.press("Control+Enter")
+    info = page.locator("#txt2img_info textarea")
+    expect(info).to_have_value(re.compile(r"Model: tiny-sdxl"))
+    first_seed = int(re.search(r"Seed: (\d+)", info.input_value()).group(1))
+    thumbnails = page.locator("#txt2img_gallery .thumbnail-item")
+    expect(thumbnails).to_have_count(2)
+    thumbnails.nth(1).click()
+    expect(info).to_have_value(re.compile(rf"Seed: {first_seed + 1},"))
