@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_MS = 30_000
 
 pytestmark = [
+    pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="no browser: /usr/bin/chromium is missing "
                                                      "(apt-get install -y chromium)"),
 ]

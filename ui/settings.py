@@ -72,9 +72,8 @@ class AppSettings:
 
 
 def _default_registry() -> Path:
-    from engine.registry import DEFAULT_REGISTRY
-
-    return DEFAULT_REGISTRY
+    """``engine.registry.DEFAULT_REGISTRY``, without importing the engine (torch) for ``--help``."""
+    return Path(__file__).resolve().parent.parent / "model_registry.yaml"
 
 
 def _truthy(text: str) -> bool:
@@ -110,7 +109,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                    help="generations running at once on the device; others wait in the queue [SD_CONCURRENCY]")
     p.add_argument("--no-autocompile", dest="autocompile", action="store_false",
                    default=_truthy(env("SD_AUTOCOMPILE", "1")),
-                   help="do not compile the default model's missing artifacts at start [SD_AUTOCOMPILE=0]")
+                   help="do not compile the default model's missing artifacts at start "
+                        "[SD_AUTOCOMPILE=0] (compile at start: %(default)s)")
     return p
 
 
