@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import platform
 import re
 import resource
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -96,6 +98,12 @@ class RunSample:
     steps: int
     unet_s: float
     unet_calls: int
+    text_encoder_s: float = 0.0
+    vae_decode_s: float = 0.0
+
+    @property
+    def rest_s(self) -> float:
+        return self.seconds - self.unet_s - self.text_encoder_s - self.vae_decode_s
 
 
 @dataclass(frozen=True)
@@ -148,6 +156,19 @@ class BenchRow:
     @property
     def unet_s(self) -> float:
         return statistics.median(s.unet_s for s in self.samples)
+
+    @property
+    def text_encoder_s(self) -> float:
+        return statistics.median(s.text_encoder_s for s in self.samples)
+
+    @property
+    def vae_decode_s(self) -> float:
+        return statistics.median(s.vae_decode_s for s in self.samples)
+
+    @property
+    def rest_s(self) -> float:
+        """Median time outside the networks: tokenizer, scheduler, CFG, set-up, image conversion, PNG."""
+        return statistics.median(s.rest_s for s in self.samples)
 
     @property
     def unet_share(self) -> float:
@@ -294,7 +315,51 @@ def machine_info() -> dict[str, Any]:
         "diffusers": diffusers.__version__,
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_before": load_average(),
     }
+
+
+class OtherCpuUse:
+    """Average number of cores that *other* processes kept busy between ``start()`` and ``stop()``.
+
+    Machine-wide busy time from ``/proc/stat`` minus this process's own CPU time (``os.times``).
+    Anything well above zero means the timings of that stretch are inflated by competition.
+    """
+
+    def __init__(self) -> None:
+        self._start: Optional[tuple[float, float, float]] = None
+        self.cores: Optional[float] = None
+
+    @staticmethod
+    def _sample() -> Optional[tuple[float, float, float]]:
+        try:
+            fields_ = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        idle = fields_[3] + (fields_[4] if len(fields_) > 4 else 0)
+        busy = (sum(fields_[:8]) - idle) / hz
+        own = os.times()
+        return busy, own.user + own.system, time.perf_counter()
+
+    def start(self) -> None:
+        self._start = self._sample()
+
+    def stop(self) -> Optional[float]:
+        end = self._sample()
+        if self._start is None or end is None or end[2] <= self._start[2]:
+            return None
+        busy, own, wall = (e - s for e, s in zip(end, self._start))
+        self.cores = max(0.0, (busy - own) / wall)
+        return self.cores
+
+
+def load_average() -> Optional[float]:
+    """The 1-minute load average (another busy process makes every timing here worthless)."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def count_unet_flops(spec: ModelSpec, size: Size) -> float:
@@ -319,28 +384,66 @@ def count_unet_flops(spec: ModelSpec, size: Size) -> float:
         gc.collect()
 
 
-class UNetTimer:
-    """Counts calls of a UNet module and the wall time spent inside them (forward hooks)."""
+class PhaseTimer:
+    """Wall time spent inside a pipeline's text encoders, UNet and VAE decoder, and UNet calls.
 
-    def __init__(self, module: torch.nn.Module):
-        self.calls = 0
-        self.seconds = 0.0
-        self._started = 0.0
-        self._handles = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
+    Forward hooks on the text encoders and the UNet; ``vae.decode`` is wrapped on the instance
+    (pipelines call the method, not ``forward``). Everything else in a request (tokenizer,
+    scheduler, CFG arithmetic, pipeline set-up, image conversion, PNG) is the rest.
+    """
 
-    def _pre(self, module: Any, args: Any) -> None:
-        self._started = time.perf_counter()
+    PHASES = ("text_encoder", "unet", "vae_decode")
 
-    def _post(self, module: Any, args: Any, output: Any) -> None:
-        self.seconds += time.perf_counter() - self._started
-        self.calls += 1
+    def __init__(self, components: dict[str, Any]):
+        self.seconds = {phase: 0.0 for phase in self.PHASES}
+        self.unet_calls = 0
+        self._started: dict[str, float] = {}
+        self._undo: list[Callable[[], None]] = []
+        for name in ("text_encoder", "text_encoder_2", "unet"):
+            module = components.get(name)
+            if isinstance(module, torch.nn.Module):
+                phase = "unet" if name == "unet" else "text_encoder"
+                handles = [module.register_forward_pre_hook(self._pre(phase)),
+                           module.register_forward_hook(self._post(phase))]
+                self._undo += [handle.remove for handle in handles]
+        vae = components.get("vae")
+        if vae is not None:
+            decode = vae.decode
+
+            def timed_decode(*args: Any, **kwargs: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    return decode(*args, **kwargs)
+                finally:
+                    self.seconds["vae_decode"] += time.perf_counter() - started
+
+            vae.decode = timed_decode
+            self._undo.append(lambda: vars(vae).pop("decode", None))
+
+    def _pre(self, phase: str) -> Callable[..., None]:
+        def hook(module: Any, args: Any) -> None:
+            self._started[phase] = time.perf_counter()
+        return hook
+
+    def _post(self, phase: str) -> Callable[..., None]:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            self.seconds[phase] += time.perf_counter() - self._started[phase]
+            if phase == "unet":
+                self.unet_calls += 1
+        return hook
 
     def reset(self) -> None:
-        self.calls, self.seconds = 0, 0.0
+        self.seconds = {phase: 0.0 for phase in self.PHASES}
+        self.unet_calls = 0
+
+    def sample(self, seconds: float, denoise_s: float, steps: int) -> "RunSample":
+        return RunSample(seconds, denoise_s, steps, self.seconds["unet"], self.unet_calls,
+                         self.seconds["text_encoder"], self.seconds["vae_decode"])
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+        for undo in self._undo:
+            undo()
+        self._undo.clear()
 
 
 # --- runners: one way of producing an image --------------------------------------------------------------
@@ -371,7 +474,7 @@ class EngineRunner:
         self.name = self.backend.name
         self.max_warm = max_warm
         self.engine: Any = None
-        self._timers: dict[str, UNetTimer] = {}
+        self._timers: dict[str, PhaseTimer] = {}
 
     def cold_start(self, job: Job) -> Any:
         from .engine import Engine, EngineSettings
@@ -379,11 +482,11 @@ class EngineRunner:
         self.engine = Engine(self.registry, self.backend, EngineSettings(max_warm=self.max_warm))
         return self.run(job)[1]
 
-    def _timer(self, job: Job) -> UNetTimer:
+    def _timer(self, job: Job) -> PhaseTimer:
         warm = self.engine.load(job.spec.id, job.size)
         key = str(warm.key)
         if key not in self._timers:
-            self._timers[key] = UNetTimer(warm.components["unet"])
+            self._timers[key] = PhaseTimer(warm.components)
         return self._timers[key]
 
     def run(self, job: Job) -> tuple[RunSample, Any]:
@@ -397,8 +500,8 @@ class EngineRunner:
         started = time.perf_counter()
         result = self.engine.generate(request)
         seconds = time.perf_counter() - started
-        unet_s, calls = (timer.seconds, timer.calls) if timer is not None else (0.0, 0)
-        sample = RunSample(seconds, result.timings["denoise_s"], int(result.timings["steps_run"]), unet_s, calls)
+        denoise_s, steps = result.timings["denoise_s"], int(result.timings["steps_run"])
+        sample = timer.sample(seconds, denoise_s, steps) if timer else RunSample(seconds, denoise_s, steps, 0.0, 0)
         return sample, result.images[0].image
 
     def close(self) -> None:
@@ -416,7 +519,7 @@ class DiffusersRunner:
 
     def __init__(self) -> None:
         self.pipe: Any = None
-        self.timer: Optional[UNetTimer] = None
+        self.timer: Optional[PhaseTimer] = None
 
     def cold_start(self, job: Job) -> Any:
         from .samplers import make_scheduler
@@ -427,16 +530,18 @@ class DiffusersRunner:
         dtype = TORCH_DTYPES[spec.dtype]
         extra: dict[str, Any] = {"add_watermarker": False} if spec.family == "sdxl" else {
             "safety_checker": None, "requires_safety_checker": False}
-        if spec.source.kind == "single_file":
-            pipe = pipeline_class.from_single_file(spec.source.ref, config=spec.source.config, torch_dtype=dtype,
-                                                   **extra)
-        else:
-            kwargs = {"revision": spec.source.revision} if spec.source.revision else {}
-            pipe = pipeline_class.from_pretrained(spec.source.ref, torch_dtype=dtype, **extra, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # diffusers >= 0.40 prefers dtype=; 0.35 needs this
+            if spec.source.kind == "single_file":
+                pipe = pipeline_class.from_single_file(spec.source.ref, config=spec.source.config,
+                                                       torch_dtype=dtype, **extra)
+            else:
+                kwargs = {"revision": spec.source.revision} if spec.source.revision else {}
+                pipe = pipeline_class.from_pretrained(spec.source.ref, torch_dtype=dtype, **extra, **kwargs)
         pipe.scheduler = make_scheduler(job.sampler, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
-        self.timer = UNetTimer(pipe.unet)
+        self.timer = PhaseTimer(pipe.components)
         return self.run(job)[1]
 
     def run(self, job: Job) -> tuple[RunSample, Any]:
@@ -456,8 +561,7 @@ class DiffusersRunner:
             guidance_scale=job.cfg_scale, generator=torch.Generator("cpu").manual_seed(job.seed),
             output_type="pil", width=job.size.width, height=job.size.height, callback_on_step_end=on_step_end)
         seconds = time.perf_counter() - started
-        sample = RunSample(seconds, last_step[0] - started, steps[0], self.timer.seconds, self.timer.calls)
-        return sample, output.images[0]
+        return self.timer.sample(seconds, last_step[0] - started, steps[0]), output.images[0]
 
     def close(self) -> None:
         if self.timer is not None:
@@ -534,6 +638,8 @@ def run_bench(settings: BenchSettings, log: Log = _stderr) -> BenchReport:
         runners.append(DiffusersRunner())
     loaded = [_cold_start(runner, job(steps_list[0], settings.seed), log) for runner in runners]
 
+    others = OtherCpuUse()
+    others.start()
     for steps in steps_list:
         for item in loaded:
             for index in range(settings.warmup):
@@ -554,6 +660,7 @@ def run_bench(settings: BenchSettings, log: Log = _stderr) -> BenchReport:
             report.comparisons.append(_compare(steps, loaded, images))
 
     report.machine["process_peak_rss_mb"] = peak_rss_mb()  # since the last cold start's reset
+    report.machine["other_cpu_cores"] = others.stop()
     for item in loaded:
         for steps in steps_list:
             report.rows.append(BenchRow(item.runner.name, spec.id, size, spec.dtype, sampler, steps,

@@ -34,6 +34,10 @@ COLUMNS = (
     ("added_rss_mb", "+RSS MB"),
     ("unet_gflop_per_call", "UNet GFLOP/call"),
     ("unet_calls_per_image", "UNet calls"),
+    ("text_encoder_s", "text enc s"),
+    ("unet_s", "UNet s"),
+    ("vae_decode_s", "VAE dec s"),
+    ("rest_s", "rest s"),
     ("unet_share", "UNet share"),
     ("unet_gflop_per_s", "UNet GFLOP/s"),
     ("pct_of_peak", "% of peak"),
@@ -66,6 +70,10 @@ def row_values(row: BenchRow, report: BenchReport) -> dict[str, Any]:
         "added_rss_mb": row.added_rss_mb,
         "unet_gflop_per_call": row.unet_flops / 1e9,
         "unet_calls_per_image": row.unet_calls,
+        "text_encoder_s": row.text_encoder_s,
+        "unet_s": row.unet_s,
+        "vae_decode_s": row.vae_decode_s,
+        "rest_s": row.rest_s,
         "unet_share": row.unet_share,
         "unet_gflop_per_s": achieved / 1e9,
         "pct_of_peak": 100.0 * achieved / peak if peak else None,
@@ -89,17 +97,20 @@ def _fmt(name: str, value: Any) -> str:
         return f"{value:.1f}"
     if name == "cost_per_10k_usd":
         return f"{value:.2f}"
-    if name in ("p50_s", "p95_s"):
+    if name in ("p50_s", "p95_s", "text_encoder_s", "unet_s", "vae_decode_s", "rest_s"):
         return f"{value:.3f}" if value < 10 else f"{value:.2f}"
     if abs(value) >= 100:
         return f"{value:.0f}"
     return f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"
 
 
-def _table_cells(report: BenchReport) -> tuple[list[str], list[list[str]]]:
-    headers = [header for _, header in COLUMNS]
-    body = [[_fmt(name, row_values(row, report)[name]) for name, _ in COLUMNS] for row in report.rows]
-    return headers, body
+def _table_cells(report: BenchReport) -> tuple[list[str], list[list[str]], list[str]]:
+    """Headers and cells of the columns that differ between rows, and ``name: value`` of the rest."""
+    cells = [[_fmt(name, row_values(row, report)[name]) for name, _ in COLUMNS] for row in report.rows]
+    varying = [i for i in range(len(COLUMNS)) if len(report.rows) < 2 or len({r[i] for r in cells}) > 1
+               or COLUMNS[i][0] in ("runner", "steps", "p50_s")]
+    common = [f"{COLUMNS[i][1]}: {cells[0][i]}" for i in range(len(COLUMNS)) if i not in varying]
+    return [COLUMNS[i][1] for i in varying], [[r[i] for i in varying] for r in cells], common
 
 
 def command_line(settings: BenchSettings) -> str:
@@ -132,6 +143,12 @@ def _machine_lines(report: BenchReport) -> list[str]:
         f"fp32 {m['peak_fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 {m['peak_bf16_flops'] / 1e9:.0f} GFLOP/s"
         + (" (AMX present: bf16 can exceed this)" if m.get("amx_bf16") else ""),
     ]
+    before, others = m.get("load_before"), m.get("other_cpu_cores")
+    if before is not None or others is not None:
+        busy = (others or 0.0) > 0.1
+        lines.append(f"interference: load average before start {_maybe(before)}, other processes kept "
+                     f"{_maybe(others)} cores busy on average during the runs"
+                     + ("  WARNING: timings inflated by competing processes" if busy else ""))
     price = report.settings.price()
     if price is None:
         lines.append("cost: no price given (use --instance or --price-per-hour)")
@@ -141,6 +158,10 @@ def _machine_lines(report: BenchReport) -> list[str]:
     else:
         lines.append(f"cost: ${price}/h as given")
     return lines
+
+
+def _maybe(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _comparison_lines(report: BenchReport, markdown: bool) -> list[str]:
@@ -184,17 +205,18 @@ def _render(header: list[str], rows: list[list[str]], markdown: bool) -> list[st
 
 
 def format_text(report: BenchReport) -> str:
-    headers, body = _table_cells(report)
-    lines = _render(headers, body, markdown=False)
+    headers, body, common = _table_cells(report)
+    lines = ["; ".join(common), ""] if common else []
+    lines += _render(headers, body, markdown=False)
     lines += [""] + _machine_lines(report)
     lines += _comparison_lines(report, markdown=False) + _switch_lines(report, markdown=False)
     return "\n".join(lines)
 
 
 def to_markdown(report: BenchReport) -> str:
-    headers, body = _table_cells(report)
+    headers, body, common = _table_cells(report)
     lines = ["# Benchmark", "", "```", command_line(report.settings), "```", ""]
-    lines += _render(headers, body, markdown=True)
+    lines += (["; ".join(common), ""] if common else []) + _render(headers, body, markdown=True)
     lines += [""] + [f"- {line}" for line in _machine_lines(report)]
     lines += [f"- peak RSS: the process's peak right after the runner's cold start (earlier runners "
               f"of a --compare run stay loaded); +RSS: what that cold start added"]

@@ -66,6 +66,8 @@ def test_bench_compare_and_switch_on_tiny_model(compiled_registry, tmp_path: Pat
     for row in report.rows:
         assert len(row.samples) == 2 and row.unet_flops > 0 and row.cold_start_s > 0 and row.peak_rss_mb > 0
         assert row.unet_calls == row.steps  # one CFG-batched UNet call per Euler a step
+        for sample in row.samples:  # the phases are measured inside the request and add up to less
+            assert sample.text_encoder_s > 0 and sample.unet_s > 0 and sample.vae_decode_s > 0 and sample.rest_s > 0
         assert row.cost_per_10k == pytest.approx(cost_per_10k_images(0.7582, row.images_per_s))
     for comp, steps in zip(report.comparisons, (2, 3)):
         assert comp.steps == steps and set(comp.ratios) == {"cpu", "eager"}
@@ -83,7 +85,7 @@ def test_bench_compare_and_switch_on_tiny_model(compiled_registry, tmp_path: Pat
     assert list(table[0]) == [name for name, _ in COLUMNS] and len(table) == 6
     assert float(table[0]["p50_s"]) == pytest.approx(report.rows[0].p50_s, rel=1e-5)
     markdown = (tmp_path / "bench.md").read_text()
-    assert command_line(settings) in markdown and "| cpu | tiny-sd15 |" in markdown
+    assert command_line(settings) in markdown and "model: tiny-sd15" in markdown and "| cpu | 2 |" in markdown
     assert "cpu/diffusers" in markdown and "model switching" in markdown and "checked 2026-11" in markdown
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["comparisons"][0]["medians"]["cpu"] == pytest.approx(report.comparisons[0].median("cpu"))
