@@ -11,10 +11,10 @@ import random
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
-from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
 import gradio as gr
@@ -166,9 +166,6 @@ class AppContext:
         models = self.engine.models()
         return next((m for m in models if m.id == model_id), None)
 
-    def default_model(self) -> str:
-        return self.engine.registry.default_model
-
 
 def parse_size(text: Any) -> Optional[Size]:
     if text in (None, ""):
@@ -241,7 +238,7 @@ def run_job(ctx: AppContext, make_request: Callable[[], GenerateRequest], batch_
     reported like any other engine error.
     """
     flag = ctx.interrupts.begin(session)
-    reporter = ProgressReporter(progress, 1)
+    reporter = ProgressReporter(progress, count=1)
     outcome = JobOutcome()
     results: list[GenerateResult] = []
     started = time.perf_counter()
@@ -256,7 +253,7 @@ def run_job(ctx: AppContext, make_request: Callable[[], GenerateRequest], batch_
                     break
                 reporter.index = index
                 try:
-                    result = ctx.engine.generate(_with(request, seed=seed + index, num_images=1),
+                    result = ctx.engine.generate(replace(request, seed=seed + index, num_images=1),
                                                  on_progress=reporter, cancel=flag)
                 except Cancelled:
                     break
@@ -270,14 +267,9 @@ def run_job(ctx: AppContext, make_request: Callable[[], GenerateRequest], batch_
     return outcome
 
 
-def _with(request: GenerateRequest, **changes: Any) -> GenerateRequest:
-    from dataclasses import replace
-
-    return replace(request, **changes)
-
-
 def stats_line(results: list[GenerateResult], wanted: int, interrupted: bool, wall_s: float) -> str:
-    """``Seed 42 · 20 steps · 2.31 s · 8.66 it/s · model 512x512 · backend`` (markdown)."""
+    """``Seed 42–43 · 20 steps · 2.31 s · 8.66 it/s · model 512x512 · sampler`` (markdown), prefixed
+    with how far an interrupted batch got."""
     if not results:
         return "**Interrupted** before the first image was done." if interrupted else ""
     first = results[0]
@@ -308,7 +300,7 @@ def seed_from_infotext(info: str, current: Any) -> Any:
 
 @dataclass
 class GenerationControls:
-    """The controls both generation tabs have, in the order their API takes them."""
+    """The controls both generation tabs have (img2img adds its own in ``Img2ImgControls``)."""
 
     tab: str
     prompt: gr.Textbox
