@@ -267,7 +267,10 @@ def test_recorded_models_share_a_pair_and_alternate_home_cores(recorded):
     recorder.reset()
     for model in MODELS.values():
         engine.load(model)
-    assert [dp.device_ids for dp in recorder.data_parallels] == [[0, 1], [1, 0], [0, 1]]
+    # the second model's home is the other core; the third goes home to whichever core is emptier
+    # (a near tie between these tiny models: the exact artifact bytes decide)
+    assert [dp.device_ids for dp in recorder.data_parallels][:2] == [[0, 1], [1, 0]]
+    assert sorted(recorder.data_parallels[2].device_ids) == [0, 1]
     pairs = engine.status()["neuron"]["pairs"]
     assert len(pairs[0]["models"]) == 3 and pairs[1]["models"] == []
     assert engine.unload("tiny-sd21") == 1
