@@ -24,7 +24,7 @@ from .types import Size
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 # Bump when wrappers, example inputs or batch layout change: older artifacts become stale.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: cpu bf16 UNet/VAE traced channels_last
 _TEMP_PREFIX = ".partial-"
 
 

@@ -119,3 +119,30 @@ def test_each_view_gets_a_fresh_scheduler_copy(cpu_engine):
     assert second.scheduler.num_inference_steps is None
     assert dict(first.scheduler.config) == dict(second.scheduler.config)
     assert type(warm.view("txt2img", "Euler a").scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+
+
+def test_cpu_bf16_convolutional_components_are_traced_channels_last(tiny_dir, tmp_path: Path):
+    """bf16 UNet/VAE artifacts carry NHWC weights (a speed fix); fp32 artifacts and text encoders do not."""
+    import yaml
+
+    from engine import Engine, GenerateRequest
+    from engine.artifacts import read_manifest, variant_dir
+    from engine.backends import make_backend
+    from engine.compile import compile_all
+    from engine.registry import load_registry
+
+    source = {"local": str(tiny_dir / "tiny-sd15")}
+    models = [{"id": f"tiny-{dtype}", "family": "sd15", "source": source, "dtype": dtype, "resolutions": ["64x64"],
+               "defaults": {"sampler": "Euler", "steps": 2}} for dtype in ("fp32", "bf16")]
+    path = tmp_path / "registry.yaml"
+    path.write_text(yaml.safe_dump({"artifacts_dir": "artifacts", "models": models}))
+    registry = load_registry(path)
+    backend = make_backend("cpu")
+    assert all(o.state == "compiled" for o in compile_all(registry, backend, log=lambda line: None))
+    for dtype, expected in (("bf16", "channels_last"), ("fp32", "contiguous")):
+        manifest = read_manifest(variant_dir(registry.artifacts_dir, f"tiny-{dtype}", Size(64, 64), "cpu"))
+        formats = {name: entry["memory_format"] for name, entry in manifest["components"].items()}
+        assert formats == {"text_encoder": "contiguous", "unet": expected, "vae_decoder": expected,
+                           "vae_encoder": expected}
+    result = Engine(registry, backend).generate(GenerateRequest(model="tiny-bf16", prompt="a cat", seed=1))
+    assert result.images[0].image.size == (64, 64)
