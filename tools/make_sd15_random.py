@@ -6,8 +6,8 @@
 Architectures (random weights: the images are noise, the arithmetic is the real thing):
 
 ``sd15``
-    Full-size SD 1.5: ``UNet2DConditionModel()`` (its default config *is* SD 1.5's, 860M
-    parameters), the SD 1.5 VAE (128/256/512/512, 2 layers per block) and a CLIP ViT-L/14-sized
+    Full-size SD 1.5: ``UNet2DConditionModel(cross_attention_dim=768)`` (otherwise the default
+    config, which is SD 1.5's; 860M parameters), the SD 1.5 VAE (128/256/512/512, 2 layers per block) and a CLIP ViT-L/14-sized
     text encoder (768 hidden, 12 layers, 49408-token vocabulary). About 4.3 GB of fp32
     safetensors. Registry ids ``sd15-random`` (fp32) and ``sd15-random-bf16`` (bf16), 256x256.
 ``demo-shapes``
@@ -58,7 +58,8 @@ def build(arch: str):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if arch == "sd15":
-        unet = UNet2DConditionModel()  # the default config is SD 1.5's
+        # The default config is SD 1.5's except the cross-attention width (1280 there, CLIP ViT-L's 768 here).
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
         vae = AutoencoderKL(
             block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, norm_num_groups=32,
