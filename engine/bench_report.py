@@ -141,7 +141,8 @@ def _machine_lines(report: BenchReport) -> list[str]:
         f"torch {m['torch']}, diffusers {m['diffusers']}; {m['date']}",
         f"estimated peak ({m['torch_threads']} cores x {m['ghz']:.2f} GHz x FLOPs/cycle, AVX-512 FMA): "
         f"fp32 {m['peak_fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 {m['peak_bf16_flops'] / 1e9:.0f} GFLOP/s"
-        + (" (AMX present: bf16 can exceed this)" if m.get("amx_bf16") else ""),
+        + (f"; AMX bf16 {m['peak_amx_bf16_flops'] / 1e9:.0f} GFLOP/s (1024 FLOPs/cycle; bf16 rows can exceed "
+           f"100% of the AVX-512 peak)" if m.get("peak_amx_bf16_flops") else ""),
     ]
     before, others = m.get("load_before"), m.get("other_cpu_cores")
     if before is not None or others is not None:
