@@ -120,6 +120,7 @@ class BenchRow:
     added_rss_mb: float
     unet_flops: float  # per UNet call
     price_per_hour: Optional[float] = None
+    load_s: float = 0.0  # the loading part of cold_start_s
 
     @property
     def latencies(self) -> list[float]:
@@ -479,11 +480,16 @@ class EngineRunner:
         self.engine: Any = None
         self._timers: dict[str, PhaseTimer] = {}
 
-    def cold_start(self, job: Job) -> Any:
+    def cold_start(self, job: Job) -> float:
+        """Load from artifacts (a fresh Engine) and make the first image; returns the load seconds."""
         from .engine import Engine, EngineSettings
 
         self.engine = Engine(self.registry, self.backend, EngineSettings(max_warm=self.max_warm))
-        return self.run(job)[1]
+        started = time.perf_counter()
+        self.engine.load(job.spec.id, job.size)
+        loaded = time.perf_counter() - started
+        self.run(job)
+        return loaded
 
     def _timer(self, job: Job) -> PhaseTimer:
         warm = self.engine.load(job.spec.id, job.size)
@@ -524,7 +530,8 @@ class DiffusersRunner:
         self.pipe: Any = None
         self.timer: Optional[PhaseTimer] = None
 
-    def cold_start(self, job: Job) -> Any:
+    def cold_start(self, job: Job) -> float:
+        """``from_pretrained`` and the first image; returns the load seconds."""
         from .samplers import make_scheduler
         from .sources import TORCH_DTYPES, pipeline_class_for
 
@@ -533,6 +540,7 @@ class DiffusersRunner:
         dtype = TORCH_DTYPES[spec.dtype]
         extra: dict[str, Any] = {"add_watermarker": False} if spec.family == "sdxl" else {
             "safety_checker": None, "requires_safety_checker": False}
+        started = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # diffusers >= 0.40 prefers dtype=; 0.35 needs this
             if spec.source.kind == "single_file":
@@ -543,9 +551,11 @@ class DiffusersRunner:
                 pipe = pipeline_class.from_pretrained(spec.source.ref, torch_dtype=dtype, **extra, **kwargs)
         pipe.scheduler = make_scheduler(job.sampler, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
+        loaded = time.perf_counter() - started
         self.pipe = pipe
         self.timer = PhaseTimer(pipe.components)
-        return self.run(job)[1]
+        self.run(job)
+        return loaded
 
     def run(self, job: Job) -> tuple[RunSample, Any]:
         assert self.pipe is not None and self.timer is not None
@@ -588,6 +598,7 @@ def max_pixel_diff(a: Any, b: Any) -> int:
 class _Loaded:
     runner: Any
     cold_start_s: float
+    load_s: float
     added_rss_mb: float
     peak_rss_mb: float
     samples: dict[int, list[RunSample]] = field(default_factory=dict)
@@ -598,10 +609,10 @@ def _cold_start(runner: Any, job: Job, log: Log) -> _Loaded:
     before = rss_mb()
     reset_peak_rss()
     started = time.perf_counter()
-    runner.cold_start(job)
+    load_s = runner.cold_start(job)
     seconds = time.perf_counter() - started
-    loaded = _Loaded(runner, seconds, rss_mb() - before, peak_rss_mb())
-    log(f"{runner.name}: cold start {seconds:.2f}s (+{loaded.added_rss_mb:.0f} MB RSS)")
+    loaded = _Loaded(runner, seconds, load_s, rss_mb() - before, peak_rss_mb())
+    log(f"{runner.name}: cold start {seconds:.2f}s (load {load_s:.2f}s, +{loaded.added_rss_mb:.0f} MB RSS)")
     return loaded
 
 
@@ -668,7 +679,7 @@ def run_bench(settings: BenchSettings, log: Log = _stderr) -> BenchReport:
         for steps in steps_list:
             report.rows.append(BenchRow(item.runner.name, spec.id, size, spec.dtype, sampler, steps,
                                         tuple(item.samples[steps]), item.cold_start_s, item.peak_rss_mb,
-                                        item.added_rss_mb, flops, settings.price()))
+                                        item.added_rss_mb, flops, settings.price(), item.load_s))
 
     if settings.switch_model:
         report.switch = _measure_switch(loaded[0].runner, job(steps_list[0], settings.seed), registry,
