@@ -148,10 +148,15 @@ def _machine_lines(report: BenchReport) -> list[str]:
     ]
     before, others = m.get("load_before"), m.get("other_cpu_cores")
     if before is not None or others is not None:
-        busy = (others or 0.0) > 0.1
+        spare = max(0, (m.get("logical_cpus") or 0) - m["torch_threads"])
+        if (others or 0.0) > spare + 0.1:
+            verdict = "  WARNING: they competed for our cores; timings are inflated"
+        elif (others or 0.0) > 0.1:
+            verdict = " (on cores this benchmark left free; they still share caches and memory bandwidth)"
+        else:
+            verdict = ""
         lines.append(f"interference: load average before start {_maybe(before)}, other processes kept "
-                     f"{_maybe(others)} cores busy on average during the runs"
-                     + ("  WARNING: timings inflated by competing processes" if busy else ""))
+                     f"{_maybe(others)} cores busy on average during the runs" + verdict)
     price = report.settings.price()
     if price is None:
         lines.append("cost: no price given (use --instance or --price-per-hour)")
