@@ -650,7 +650,19 @@ def run_bench(settings: BenchSettings, log: Log = _stderr) -> BenchReport:
         if runners[0].name != "eager":
             runners.append(EngineRunner(registry, "eager"))
         runners.append(DiffusersRunner())
-    loaded = [_cold_start(runner, job(steps_list[0], settings.seed), log) for runner in runners]
+    try:
+        _measure(settings, registry, report, runners, job, steps_list, flops, log)
+    finally:
+        for runner in runners:  # removes the timing hooks from shared modules
+            runner.close()
+    return report
+
+
+def _measure(settings: BenchSettings, registry: Registry, report: BenchReport, runners: list[Any],
+             job: Callable[[int, int], Job], steps_list: tuple[int, ...], flops: float, log: Log) -> None:
+    """Cold-start every runner, then the interleaved runs, filling ``report``."""
+    first = job(steps_list[0], settings.seed)
+    loaded = [_cold_start(runner, first, log) for runner in runners]
 
     others = OtherCpuUse()
     others.start()
@@ -677,16 +689,11 @@ def run_bench(settings: BenchSettings, log: Log = _stderr) -> BenchReport:
     report.machine["other_cpu_cores"] = others.stop()
     for item in loaded:
         for steps in steps_list:
-            report.rows.append(BenchRow(item.runner.name, spec.id, size, spec.dtype, sampler, steps,
-                                        tuple(item.samples[steps]), item.cold_start_s, item.peak_rss_mb,
+            report.rows.append(BenchRow(item.runner.name, first.spec.id, first.size, first.spec.dtype, first.sampler,
+                                        steps, tuple(item.samples[steps]), item.cold_start_s, item.peak_rss_mb,
                                         item.added_rss_mb, flops, settings.price(), item.load_s))
-
     if settings.switch_model:
-        report.switch = _measure_switch(loaded[0].runner, job(steps_list[0], settings.seed), registry,
-                                        settings.switch_model, settings.runs, log)
-    for item in loaded:
-        item.runner.close()
-    return report
+        report.switch = _measure_switch(loaded[0].runner, first, registry, settings.switch_model, settings.runs, log)
 
 
 def _compare(steps: int, loaded: list[_Loaded], images: dict[str, Any]) -> Comparison:
