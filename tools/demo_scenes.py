@@ -39,8 +39,8 @@ SIZES: tuple[str, ...] = ("small", "large")
 SIZE_RADIUS: dict[str, tuple[float, float]] = {"small": (10.0, 13.0), "large": (18.0, 23.0)}
 """Size name -> (min, max) half-extent of the shape's bounding box, in pixels."""
 
-MARGIN = 2.0
-"""Minimum distance in pixels between a shape's bounding box and the image border."""
+JITTER = 4.0
+"""Maximum offset in pixels of a shape's center from the image center, along each axis."""
 
 SUPERSAMPLE = 4
 """Samples per pixel along each axis when rasterizing (anti-aliasing)."""
@@ -181,12 +181,11 @@ def parse_caption(text: str) -> SceneSpec:
 
 
 def random_scene(rng: np.random.Generator) -> Scene:
-    """Draw one scene: distinct fg/bg colors, random shape, size and jittered geometry."""
+    """Draw one scene: distinct fg/bg colors, random shape and size, jittered size and position."""
     fg, bg = rng.choice(len(COLORS), size=2, replace=False)
     size = SIZES[rng.integers(len(SIZES))]
     radius = float(rng.uniform(*SIZE_RADIUS[size]))
-    low, high = radius + MARGIN, IMAGE_SIZE - radius - MARGIN
-    cx, cy = (float(c) for c in rng.uniform(low, high, size=2))
+    cx, cy = (IMAGE_SIZE / 2 + float(d) for d in rng.uniform(-JITTER, JITTER, size=2))
     return Scene(
         fg=COLORS[fg],
         bg=COLORS[bg],
