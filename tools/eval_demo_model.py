@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,8 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 
+from engine.samplers import SAMPLERS
+from engine.samplers import make_scheduler as make_engine_scheduler
 from tools.demo_scenes import Scene, caption, render, sample_scenes
 from tools.scene_eval import classify, score
 
@@ -31,43 +32,11 @@ DEFAULT_SAMPLER = "default"
 EVAL_SEED = 2024
 
 
-@dataclass(frozen=True)
-class Sampler:
-    """A diffusers scheduler class plus config overrides (A1111 naming)."""
-
-    scheduler_class: str
-    overrides: Mapping[str, Any] = field(default_factory=dict)
-
-
-_KARRAS = {"use_karras_sigmas": True}
-SAMPLERS: dict[str, Sampler] = {
-    "Euler": Sampler("EulerDiscreteScheduler"),
-    "Euler a": Sampler("EulerAncestralDiscreteScheduler"),
-    "Heun": Sampler("HeunDiscreteScheduler"),
-    "LMS": Sampler("LMSDiscreteScheduler"),
-    "DPM2": Sampler("KDPM2DiscreteScheduler"),
-    "DPM2 a": Sampler("KDPM2AncestralDiscreteScheduler"),
-    "DPM++ 2M": Sampler("DPMSolverMultistepScheduler"),
-    "DPM++ 2M Karras": Sampler("DPMSolverMultistepScheduler", _KARRAS),
-    "DPM++ 2M SDE": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "DPM++ SDE": Sampler("DPMSolverSDEScheduler"),
-    "DDIM": Sampler("DDIMScheduler"),
-    "PLMS": Sampler("PNDMScheduler", {"skip_prk_steps": True}),
-    "UniPC": Sampler("UniPCMultistepScheduler"),
-}
-"""The samplers evaluated by ``--all-samplers``."""
-
-_ALGORITHM_KEYS = ("algorithm_type", "use_karras_sigmas", "skip_prk_steps")
-
-
 def make_scheduler(name: str, base_config: Mapping[str, Any]) -> Any:
-    """A fresh scheduler for sampler ``name`` built from the model's scheduler config."""
+    """A fresh scheduler: the model's own for ``default``, else the engine's A1111 sampler mapping."""
     if name == DEFAULT_SAMPLER:
-        cls_name, overrides = base_config["_class_name"], {}
-    else:
-        cls_name, overrides = SAMPLERS[name].scheduler_class, SAMPLERS[name].overrides
-    config = {k: v for k, v in base_config.items() if k not in _ALGORITHM_KEYS or name == DEFAULT_SAMPLER}
-    return getattr(diffusers, cls_name).from_config({**config, **overrides})
+        return getattr(diffusers, base_config["_class_name"]).from_config(dict(base_config))
+    return make_engine_scheduler(name, base_config)
 
 
 def eval_prompts(n: int = 36) -> list[str]:
