@@ -10,12 +10,16 @@ Stages, all seeded:
 2. VAE (``AutoencoderKL``, 4 latent channels, 8x downsampling: 64x64 -> 8x8 latents);
 3. latents of the whole data set, and the VAE ``scaling_factor`` that gives them unit variance;
 4. UNet (``UNet2DConditionModel``) trained jointly with a tiny ``CLIPTextModel``, with
-   caption dropout for classifier-free guidance, min-SNR loss weighting and EMA weights;
+   caption dropout for classifier-free guidance, unrelated captions on some low-noise
+   samples (faithful low-strength img2img), min-SNR loss weighting and EMA weights;
 5. save the pipeline with an SD 1.5-style scheduler config.
 
-Usage (defaults are the shipped model's)::
+Usage (the defaults reproduce the shipped model; about 28 minutes on 2 CPU cores)::
 
     python -m tools.train_demo_model --out models/demo-shapes
+
+``--threads 2`` is faster on an idle machine but sums floats in another order, so its
+weights are not bit-identical to the shipped ones.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import diffusers
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from tools.demo_scenes import VOCABULARY, caption, random_caption, render_batch, sample_scenes
+from tools.demo_scenes import VOCABULARY, Scene, caption, random_caption, render_batch, sample_scenes
 from tools.scene_eval import score
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -378,7 +382,7 @@ def betas() -> torch.Tensor:
     return root**2
 
 
-def caption_sampler(scenes: list, rng: np.random.Generator, dropout: float) -> Callable[[np.ndarray], list[str]]:
+def caption_sampler(scenes: list[Scene], rng: np.random.Generator, dropout: float) -> Callable[[np.ndarray], list[str]]:
     """Random training captions for scene indices, empty with probability ``dropout``."""
 
     def captions(idx: np.ndarray) -> list[str]:
@@ -428,7 +432,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("models/demo-shapes"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the shipped model: 1)")
     p.add_argument("--num-images", type=int, default=10000)
     p.add_argument("--vae-channels", type=int, nargs="+", default=[16, 32, 64, 64])
     p.add_argument("--vae-groups", type=int, default=4)
