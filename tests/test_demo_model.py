@@ -96,8 +96,6 @@ def test_img2img_strong_denoising_follows_the_prompt(demo_engine):
     assert (guess.fg, guess.shape) == ("blue", "circle")
 
 
-@pytest.mark.xfail(strict=True, reason="at strength 0.1 the demo model already pulls red toward the prompt's blue "
-                                       "(the circle comes out purple); see the model card")
 def test_img2img_weak_denoising_keeps_the_input(demo_engine):
     guess = _img2img_red_circle_to_blue(demo_engine, 0.1)
     assert (guess.fg, guess.shape) == ("red", "circle")
