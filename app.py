@@ -1,15 +1,17 @@
-"""Stable Diffusion web UI: ``python app.py [--registry FILE] [--backend auto|neuron|cpu|eager] ...``
+"""Stable Diffusion server: ``python app.py [--registry FILE] [--backend auto|neuron|cpu|eager] ...``
 
 Parses the settings (flags and environment, in ``ui.settings`` — the one place that reads them),
 loads the registry, picks the backend, compiles the default model if a fixed-shape backend has no
-artifacts for it yet, warms ``--preload`` models, then serves the Gradio app. ``--help`` lists
-every flag and the environment variable behind it.
+artifacts for it yet, warms ``--preload`` models, then serves on one port: the HTTP API
+(``/sdapi/v1``, ``/ping``, ``/invocations``, ``/docs``) with the Gradio UI mounted at ``/``, all
+feeding the engine's one queue. ``--help`` lists every flag and the environment variable behind it.
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Optional, Sequence
 
@@ -80,7 +82,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         backend = make_backend(settings.backend)
         if settings.autocompile:
             ensure_default_compiled(registry, backend)
-        engine = Engine(registry, backend, EngineSettings(max_warm=settings.max_warm))
+        engine = Engine(registry, backend, EngineSettings(max_warm=settings.max_warm,
+                                                             workers=settings.concurrency))
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -90,18 +93,94 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(SHARE_WARNING, file=sys.stderr, flush=True)
         log.warning(SHARE_WARNING)
 
+    server_app = build_server(engine, settings)
+    print(f"Serving {registry.default_model} ({len(registry.models)} models) on the {backend.name} backend; "
+          f"images are saved under {settings.outputs.resolve()}", flush=True)
+    try:
+        serve(server_app, settings)
+    finally:
+        engine.close()
+    return 0
+
+
+def build_server(engine, settings: AppSettings):  # noqa: ANN001, ANN201 - engine/FastAPI, imported lazily
+    """One FastAPI app on one port: the HTTP API (unless ``--no-api``) with the Gradio UI mounted at
+    ``/``, both behind the same credentials and feeding the engine's one queue."""
+    import gradio as gr
+
+    from api import create_api
     from ui import build_app, launch_styles
 
     settings.outputs.mkdir(parents=True, exist_ok=True)
+    app, api_context = create_api(engine, settings.outputs, auth=settings.auth,
+                                  allow_image_urls=settings.allow_image_urls, flags=settings.public_flags(),
+                                  enabled=settings.api)
+    if settings.api:
+        warm_default_model(engine, api_context)
     demo = build_app(engine, settings)
-    print(f"Serving {registry.default_model} ({len(registry.models)} models) on the {backend.name} backend; "
-          f"images are saved under {settings.outputs.resolve()}", flush=True)
-    demo.launch(
-        server_name=settings.host, server_port=settings.port, share=settings.share,
-        auth=list(settings.auth) or None, show_error=True, allowed_paths=[str(settings.outputs.resolve())],
-        footer_links=["api"], **launch_styles(),
-    )
-    return 0
+    return gr.mount_gradio_app(
+        app, demo, path="/", auth=api_context.credentials.gradio_auth(), show_error=True,
+        allowed_paths=[str(settings.outputs.resolve())], footer_links=["api"], **launch_styles())
+
+
+def warm_default_model(engine, api_context) -> None:  # noqa: ANN001
+    """Queue loading the default model so ``/ping`` turns 200 when it is ready (SageMaker sends
+    traffic only then); a failure is kept for ``/ping`` to report, and the server keeps serving."""
+    from engine import EngineError
+
+    def record(error: BaseException) -> None:
+        api_context.startup_error = str(error) if isinstance(error, EngineError) else "loading failed; see the log"
+        log.warning("could not warm the default model %s: %s", engine.default_model, error)
+
+    try:
+        job = engine.submit_load(engine.default_model, owner="startup")
+    except EngineError as exc:
+        record(exc)
+        return
+
+    def done(future) -> None:  # noqa: ANN001 - concurrent.futures.Future
+        if future.exception() is not None:
+            record(future.exception())
+
+    job.future.add_done_callback(done)
+
+
+def serve(app, settings: AppSettings) -> None:  # noqa: ANN001 - FastAPI
+    """Run ``app`` with uvicorn until Ctrl+C / SIGTERM; with ``--share`` also open a gradio.live link."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    print(f"* Running on local URL:  http://{shown_host}:{settings.port}"
+          + (f"  (API docs: http://{shown_host}:{settings.port}/docs)" if settings.api else ""), flush=True)
+    if not settings.share:
+        server.run()
+        return
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.1)
+    print(f"* Running on public URL: {open_share_link(settings)}", flush=True)
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        server.should_exit = True
+        thread.join()
+
+
+def open_share_link(settings: AppSettings) -> str:
+    """A gradio.live tunnel to the local server (what ``Blocks.launch(share=True)`` does)."""
+    import secrets
+
+    from gradio import networking
+
+    try:
+        return networking.setup_tunnel(local_host=settings.host, local_port=settings.port,
+                                       share_token=secrets.token_urlsafe(32), share_server_address=None,
+                                       share_server_tls_certificate=None)
+    except Exception as exc:  # the tunnel is optional: the local server keeps serving
+        return f"unavailable ({exc}); serving locally only"
 
 
 if __name__ == "__main__":

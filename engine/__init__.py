@@ -3,11 +3,13 @@ from .engine import Engine, EngineSettings, ModelInfo
 from .errors import (ArtifactMismatch, ArtifactMissing, BackendUnavailable, Cancelled, CompileError, EngineError,
                      InvalidRequest, ModelLoadError, RegistryError, UnknownModel, UnknownSampler,
                      UnsupportedResolution)
+from .outputs import OutputStore
 from .registry import Registry, load_registry
+from .scheduler import Job, QueueSnapshot
 from .types import GeneratedImage, GenerateRequest, GenerateResult, Progress, Size, VariantKey
 
 __all__ = [
-    "Engine", "EngineSettings", "ModelInfo", "Registry", "load_registry",
+    "Engine", "EngineSettings", "ModelInfo", "Registry", "load_registry", "Job", "QueueSnapshot", "OutputStore",
     "GenerateRequest", "GenerateResult", "GeneratedImage", "Progress", "Size", "VariantKey",
     "EngineError", "RegistryError", "UnknownModel", "UnsupportedResolution", "InvalidRequest", "UnknownSampler",
     "ArtifactMissing", "ArtifactMismatch", "BackendUnavailable", "ModelLoadError", "CompileError", "Cancelled",

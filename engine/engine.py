@@ -6,7 +6,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -19,8 +19,9 @@ from .infotext import format_infotext, png_with_parameters
 from .pipelines import WarmPipeline, load_compiled, load_eager, warm_up
 from .placement import CorePlan, Footprint, PlacedBackend, footprint_from_manifest
 from .pool import WarmPool
-from .registry import ModelSpec, Registry
+from .registry import ModelSpec, Registry, load_registry
 from .samplers import check_sampler
+from .scheduler import CancelFlag, Job, QueueSnapshot, Scheduler
 from .types import GeneratedImage, GenerateRequest, GenerateResult, Progress, Size, VariantKey
 
 log = logging.getLogger(__name__)
@@ -31,16 +32,16 @@ MAX_SEED = 2**32 - 1
 EAGER_MAX_SIDE = 2048
 
 
-class CancelFlag(Protocol):
-    def is_set(self) -> bool: ...
-
-
 ProgressCallback = Callable[[Progress], None]
 
 
 @dataclass(frozen=True)
 class EngineSettings:
+    """``max_warm``: warm pipelines kept at most; ``workers``: generations running at once (each on
+    its own long-lived device worker thread; the others wait in the engine's one queue)."""
+
     max_warm: int = 2
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,32 @@ class _Resolved:
     seed: int
 
 
+@dataclass(frozen=True)
+class _Work:
+    """What a queued job carries: the request, its validated values and the caller's progress hook."""
+
+    request: GenerateRequest
+    resolved: _Resolved
+    on_progress: Optional[ProgressCallback]
+
+
+@dataclass(frozen=True)
+class _Load:
+    """A queued job that warms one pipeline."""
+
+    key: VariantKey
+
+
+class _Skipped(Exception):
+    """The current image of a job was skipped (A1111's Skip): drop it and go on with the next."""
+
+
 class Engine:
     """Turns ``GenerateRequest``s into images with warm pipelines on one backend.
 
-    Thread-safe: concurrent requests for different warm pipelines run in parallel; requests for
-    the same pipeline take turns on its lock.
+    Thread-safe. Every generation is a job in the engine's one admission queue (``scheduler``),
+    run by a long-lived device worker thread; ``submit`` queues one, ``generate`` queues one and
+    waits for it. Requests for the same warm pipeline take turns on its lock.
     """
 
     def __init__(self, registry: Registry, backend: Backend, settings: EngineSettings = EngineSettings()):
@@ -91,6 +113,39 @@ class Engine:
         else:
             self.pool = WarmPool(self._load_variant, settings.max_warm, on_evict=_release_device_memory,
                                  core_plan=self.core_plan)
+        self._default_model = registry.default_model
+        self.scheduler: Scheduler[Any] = Scheduler(self._execute, workers=settings.workers)
+
+    @property
+    def default_model(self) -> str:
+        """The model a request without ``model`` uses (the registry's default until changed)."""
+        return self._default_model
+
+    def set_default_model(self, model: str) -> str:
+        """Make ``model`` (an id) the default for requests that name none; returns its id."""
+        self._default_model = self.registry.get(model).id
+        return self._default_model
+
+    def reload_registry(self) -> Registry:
+        """Re-read the registry file (A1111's refresh-checkpoints). Idle warm pipelines of models no
+        longer listed are dropped; a broken file raises ``RegistryError`` and changes nothing."""
+        registry = load_registry(self.registry.path)
+        self.registry = registry
+        listed = {spec.id for spec in registry.models}
+        if self._default_model not in listed:
+            self._default_model = registry.default_model
+        for info in self.pool.snapshot():
+            if info.key.model not in listed:
+                self.pool.unload(info.key)
+        return registry
+
+    def close(self) -> None:
+        """Stop the device workers (queued jobs are cancelled; running ones finish)."""
+        self.scheduler.close()
+
+    def queue(self) -> QueueSnapshot:
+        """The jobs running and waiting in the engine's queue."""
+        return self.scheduler.snapshot()
 
     # --- models and warm pipelines -------------------------------------------------------------
 
@@ -141,10 +196,21 @@ class Engine:
             status["neuron"] = self.core_plan.describe()
         return status
 
-    def load(self, model: str, size: Optional[Size] = None) -> WarmPipeline:
-        """Warm ``model`` at ``size`` (default: its first resolution) without generating."""
+    def is_warm(self, model: str, size: Optional[Size] = None) -> bool:
+        """Whether ``model`` at ``size`` (default: its first resolution) is loaded and ready."""
         spec = self.registry.get(model)
-        return self.pool.ensure(self._key(spec, self._check_size(spec, size or spec.default_size)))
+        return self.pool.is_warm(self._key(spec, size or spec.default_size))
+
+    def load(self, model: str, size: Optional[Size] = None) -> WarmPipeline:
+        """Warm ``model`` at ``size`` (default: its first resolution) without generating, and wait."""
+        return self.submit_load(model, size).result()
+
+    def submit_load(self, model: str, size: Optional[Size] = None, owner: str = "") -> Job[Any]:
+        """Queue loading ``model`` at ``size``: a load uses the device, so it waits its turn in the
+        engine's queue and runs on a device worker like a generation. Bad names raise at once."""
+        spec = self.registry.get(model)
+        key = self._key(spec, self._check_size(spec, size or spec.default_size))
+        return self.scheduler.submit(_Load(key), owner=owner)
 
     def unload(self, model: str, size: Optional[Size] = None) -> int:
         """Drop the warm pipelines of ``model`` (one size or all) that are not in use; returns how many."""
@@ -181,11 +247,37 @@ class Engine:
 
     def generate(
         self, request: GenerateRequest, on_progress: Optional[ProgressCallback] = None,
-        cancel: Optional[CancelFlag] = None,
+        cancel: Optional[CancelFlag] = None, owner: str = "",
     ) -> GenerateResult:
-        """Generate ``request.num_images`` images; raises EngineError subclasses on bad input,
-        ``Cancelled`` when ``cancel`` is set at a step boundary."""
-        resolved = self._resolve(request)
+        """Generate ``request.num_images`` images and wait for them (``submit`` + ``result``);
+        raises EngineError subclasses on bad input, ``Cancelled`` when ``cancel`` is set at a step
+        boundary or the job is interrupted."""
+        return self.submit(request, on_progress=on_progress, cancel=cancel, owner=owner).result()
+
+    def submit(
+        self, request: GenerateRequest, owner: str = "", on_progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelFlag] = None,
+    ) -> Job[GenerateResult]:
+        """Validate ``request`` (raising EngineError subclasses at once) and queue it for a device
+        worker. ``owner`` names who may interrupt or skip it (``Engine.interrupt(owner)``);
+        ``on_progress`` is called on the worker thread at every step."""
+        work = _Work(request, self._resolve(request), on_progress)
+        return self.scheduler.submit(work, owner=owner, cancel=cancel)
+
+    def interrupt(self, owner: str) -> int:
+        """Interrupt ``owner``'s running and queued jobs; returns how many."""
+        return self.scheduler.interrupt(owner)
+
+    def skip(self, owner: str) -> int:
+        """Skip the image ``owner``'s running jobs are making; returns how many."""
+        return self.scheduler.skip(owner)
+
+    def _execute(self, job: Job[Any]) -> Any:
+        """Run one queued job (on a device worker thread): a load or a generation."""
+        if isinstance(job.payload, _Load):
+            return self.pool.ensure(job.payload.key)
+        work: _Work = job.payload
+        request, resolved = work.request, work.resolved
         spec, size = resolved.spec, resolved.size
         started = time.perf_counter()
         was_warm = self.pool.is_warm(self._key(spec, size))
@@ -193,7 +285,7 @@ class Engine:
             leased = time.perf_counter()
             init_image = fit_image(request.init_image, size, request.resize_mode) if request.init_image is not None else None
             with warm.lock:
-                images, clock = self._run_images(warm, request, resolved, init_image, on_progress, cancel)
+                images, clock = self._run_images(warm, request, resolved, init_image, job, work.on_progress)
         timings = {
             "load_s": 0.0 if was_warm else leased - started,
             "total_s": time.perf_counter() - started,
@@ -205,7 +297,7 @@ class Engine:
                               resolved.seed, tuple(images), timings)
 
     def _resolve(self, request: GenerateRequest) -> _Resolved:
-        spec = self.registry.get(request.model or self.registry.default_model)
+        spec = self.registry.get(request.model or self.default_model)
         sampler = request.sampler or spec.defaults.sampler
         check_sampler(sampler)
         steps = spec.defaults.steps if request.steps is None else request.steps
@@ -237,17 +329,24 @@ class Engine:
         return size
 
     def _run_images(self, warm: WarmPipeline, request: GenerateRequest, resolved: _Resolved, init_image: Any,
-                    on_progress: Optional[ProgressCallback], cancel: Optional[CancelFlag]) -> tuple[list[GeneratedImage], "_Clock"]:
+                    job: Job[GenerateResult], on_progress: Optional[ProgressCallback],
+                    ) -> tuple[list[GeneratedImage], "_Clock"]:
         clock = _Clock()
         images = []
         for index in range(request.num_images):
             seed = resolved.seed + index
             pipe = warm.view(request.mode, resolved.sampler)
-            callback = _StepCallback(clock, index, request.num_images, on_progress, cancel)
+            callback = _StepCallback(clock, index, request.num_images, job, on_progress)
             kwargs = _call_kwargs(request, resolved, init_image, seed, pipe.device)
             clock.start()
-            output = pipe(**kwargs, callback_on_step_end=callback)
-            clock.finish()
+            try:
+                output = pipe(**kwargs, callback_on_step_end=callback)
+            except _Skipped:
+                continue
+            except Cancelled as exc:
+                raise Cancelled(str(exc), images=tuple(images)) from None
+            finally:
+                clock.finish()
             image = output.images[0]
             infotext = _infotext(request, resolved, seed, self.backend.name)
             images.append(GeneratedImage(image, seed, infotext, png_with_parameters(image, infotext)))
@@ -320,22 +419,27 @@ class _Clock:
 
 
 class _StepCallback:
-    """``callback_on_step_end`` for one image: reports progress, stops at a step boundary on cancel."""
+    """``callback_on_step_end`` for one image of a job: reports progress to the job and the caller,
+    stops at a step boundary when the job is interrupted, abandons the image when it is skipped."""
 
-    def __init__(self, clock: _Clock, index: int, num_images: int,
-                 on_progress: Optional[ProgressCallback], cancel: Optional[CancelFlag]):
+    def __init__(self, clock: _Clock, index: int, num_images: int, job: Job[GenerateResult],
+                 on_progress: Optional[ProgressCallback]):
         self.clock, self.index, self.num_images = clock, index, num_images
-        self.on_progress, self.cancel = on_progress, cancel
+        self.job, self.on_progress = job, on_progress
         self.started = time.perf_counter()
 
     def __call__(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
         self.clock.step()
+        elapsed = time.perf_counter() - self.started
+        progress = Progress(step + 1, pipe.num_timesteps, self.index, self.num_images,
+                            elapsed, (step + 1) / elapsed if elapsed > 0 else 0.0)
+        self.job.report(progress)
         if self.on_progress is not None:
-            elapsed = time.perf_counter() - self.started
-            self.on_progress(Progress(step + 1, pipe.num_timesteps, self.index, self.num_images,
-                                      elapsed, (step + 1) / elapsed if elapsed > 0 else 0.0))
-        if self.cancel is not None and self.cancel.is_set():
+            self.on_progress(progress)
+        if self.job.interrupted:
             raise Cancelled("interrupted")
+        if self.job.take_skip():
+            raise _Skipped()
         return callback_kwargs
 
 

@@ -47,4 +47,9 @@ class CompileError(EngineError):
 
 
 class Cancelled(EngineError):
-    """The request was interrupted by its caller."""
+    """The request was interrupted by its caller. ``images`` holds the ``GeneratedImage``s it
+    finished before the interrupt (A1111 returns those), in order."""
+
+    def __init__(self, message: str = "interrupted", images: tuple = ()):
+        super().__init__(message)
+        self.images = tuple(images)

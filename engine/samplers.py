@@ -50,8 +50,46 @@ SAMPLERS: dict[str, SamplerRecipe] = {
 _DROP_KEYS = ("algorithm_type", "use_karras_sigmas", "skip_prk_steps")
 
 
+# A1111's aliases (k-diffusion names), as /sdapi/v1/samplers lists them; ``sampler_aliases`` adds
+# the snake_case spelling that scripts such as the SageMaker Stable Diffusion Quick Kit send ("euler_a").
+_K_ALIASES: dict[str, tuple[str, ...]] = {
+    "Euler": ("k_euler",), "Euler a": ("k_euler_a", "k_euler_ancestral"), "Heun": ("k_heun",),
+    "LMS": ("k_lms",), "LMS Karras": ("k_lms_ka",), "DPM2": ("k_dpm_2",), "DPM2 Karras": ("k_dpm_2_ka",),
+    "DPM2 a": ("k_dpm_2_a",), "DPM2 a Karras": ("k_dpm_2_a_ka",), "DPM++ 2M": ("k_dpmpp_2m",),
+    "DPM++ 2M Karras": ("k_dpmpp_2m_ka",), "DPM++ 2M SDE": ("k_dpmpp_2m_sde",),
+    "DPM++ 2M SDE Karras": ("k_dpmpp_2m_sde_ka",), "DPM++ SDE": ("k_dpmpp_sde",),
+    "DPM++ SDE Karras": ("k_dpmpp_sde_ka",), "DDIM": ("ddim",), "PLMS": ("plms", "pndm"), "UniPC": ("unipc",),
+}
+KARRAS_SUFFIX = " Karras"
+
+
 def sampler_names() -> list[str]:
     return list(SAMPLERS)
+
+
+def sampler_aliases(name: str) -> list[str]:
+    """Other names a client may use for sampler ``name``: A1111's k-diffusion aliases and snake_case."""
+    snake = name.lower().replace("++", "pp").replace(" ", "_")
+    return [alias for alias in dict.fromkeys((*_K_ALIASES.get(name, ()), snake)) if alias != name]
+
+
+def canonical_sampler(name: str, schedule: str = "automatic") -> str:
+    """The A1111 sampler name for ``name`` (a name or alias, any case) under A1111's separate
+    ``scheduler`` field ("automatic" keeps the sampler's own schedule, "karras" picks its Karras
+    variant); raises ``UnknownSampler``, naming what is available."""
+    wanted = name.strip().lower()
+    found = next((n for n in SAMPLERS if wanted == n.lower() or wanted in sampler_aliases(n)), None)
+    if found is None:
+        raise UnknownSampler(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+    schedule = (schedule or "automatic").strip().lower()
+    if schedule in ("automatic", "uniform") or (schedule == "karras" and found.endswith(KARRAS_SUFFIX)):
+        return found
+    if schedule == "karras" and found + KARRAS_SUFFIX in SAMPLERS:
+        return found + KARRAS_SUFFIX
+    karras = [n for n in SAMPLERS if n.endswith(KARRAS_SUFFIX)]
+    raise UnknownSampler(f"schedule type {schedule!r} is not available for {found}; use 'automatic'"
+                         + (", or 'karras' with one of: " + ", ".join(n[:-len(KARRAS_SUFFIX)] for n in karras)
+                            if schedule == "karras" else " or 'karras'"))
 
 
 def check_sampler(name: str) -> SamplerRecipe:

@@ -98,33 +98,30 @@ def test_img2img_without_an_image_says_so(client):
         client.predict(init_image=None, prompt="x", api_name="/img2img")
 
 
-def test_interrupt_stops_only_its_own_session_and_others_wait_in_the_queue(ui_server):
-    """Two users: B's interrupt leaves A's job running, and B's own job waits in the one queue;
-    A's interrupt stops A at a step boundary, keeping the finished images; then B's job runs."""
+def test_interrupt_stops_only_its_own_session_and_others_take_turns_in_the_engine_queue(ui_server):
+    """Two users: B's interrupt leaves A's job running; B's job waits in the engine's queue (its
+    progress shows its position) and runs between two of A's images instead of after A's whole
+    batch; A's interrupt stops A at a step boundary, keeping the finished images."""
     from gradio_client import Client
-    from gradio_client.utils import Status
 
     a = Client(ui_server.url, verbose=False, download_files=str(ui_server.tmp / "a"))
     b = Client(ui_server.url, verbose=False, download_files=str(ui_server.tmp / "b"))
-    long_job = a.submit(prompt="a long job", steps=80, batch_count=16, seed=10, api_name="/txt2img")
-    _wait_for(lambda: long_job.status().code in (Status.PROCESSING, Status.PROGRESS), "the long job to start")
-    queued = b.submit(prompt="after the long one", steps=2, seed=11, api_name="/txt2img")
-    _wait_for(lambda: queued.status().code == Status.IN_QUEUE, "B's job to be queued")
-    assert queued.status().rank == 0  # first in line, behind the running job
-
+    long_job = a.submit(prompt="a long job", steps=150, batch_count=16, seed=10, api_name="/txt2img")
+    _wait_for(lambda: _image_number(long_job) >= 1, "the long job to start")
     b.predict(api_name="/txt2img_interrupt")  # B has nothing running: A's job must go on
-    time.sleep(1.0)
-    assert not long_job.done(), "another session's interrupt stopped the job"
+    queued = b.submit(prompt="between two images", steps=2, seed=11, api_name="/txt2img")
+    _wait_for(lambda: "In queue: position 1" in _progress_text(queued), "B's job to wait in the engine queue")
+    images_b, _, stats_b = queued.result(timeout=60)
+    assert len(images_b) == 1 and "Interrupted" not in stats_b
+    assert not long_job.done(), "B waited for A's whole batch, or B's interrupt stopped A"
 
-    _wait_for(lambda: _image_number(long_job) >= 2, "the long job's second image")
+    _wait_for(lambda: _image_number(long_job) >= 3, "the long job's third image")
     started = time.monotonic()
     a.predict(api_name="/txt2img_interrupt")
     images, _, stats = long_job.result(timeout=60)
     assert time.monotonic() - started < 20
-    assert stats.startswith("**Interrupted**") and 1 <= len(images) < 16
+    assert stats.startswith("**Interrupted**") and 2 <= len(images) < 16
     assert f"after {len(images)} of 16 images" in stats
-    after, _, after_stats = queued.result(timeout=60)
-    assert len(after) == 1 and "Interrupted" not in after_stats
 
 
 def test_models_load_and_unload(client):
@@ -148,10 +145,13 @@ def test_png_info_reads_our_parameters(client, tmp_path):
     assert parameters == text and "<th>Sampler</th><td>Euler a</td>" in table
 
 
+def _progress_text(job) -> str:
+    return " ".join(unit.desc or "" for unit in (job.status().progress_data or []))
+
+
 def _image_number(job) -> int:
     """Which image of its batch a job is making, from its progress line ("Image 3/16 · step ...")."""
-    text = " ".join(unit.desc or "" for unit in (job.status().progress_data or []))
-    match = re.search(r"Image (\d+)/", text)
+    match = re.search(r"Image (\d+)/", _progress_text(job))
     return int(match.group(1)) if match else 0
 
 
@@ -231,7 +231,7 @@ def _unexpected_errors_are_generic_and_logged_once(client, engine, monkeypatch, 
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(engine, "generate", broken)
+    monkeypatch.setattr(engine, "submit", broken)
     caplog.clear()
     with pytest.raises(AppError, match="txt2img failed with an internal error; the details are in the server log"):
         client.predict(prompt="x", steps=2, api_name="/txt2img")

@@ -66,7 +66,9 @@ def build_app(engine: "Engine", settings: "AppSettings") -> "gr.Blocks":
     import gradio as gr
 
     from . import img2img, models, pnginfo, txt2img
-    from .common import AppContext, Interrupts, OutputStore, model_defaults_updates, resolution_choices
+    from engine import OutputStore
+
+    from .common import AppContext, Interrupts, model_defaults_updates, resolution_choices
 
     ctx = AppContext(engine=engine, outputs=OutputStore(settings.outputs), interrupts=Interrupts(),
                      concurrency=settings.concurrency)

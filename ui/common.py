@@ -13,20 +13,22 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import date
-from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import gradio as gr
 
-from engine import (Cancelled, Engine, EngineError, GeneratedImage, GenerateRequest, GenerateResult, InvalidRequest,
-                    ModelInfo, Progress, Size)
+from engine import (Cancelled, Engine, EngineError, GenerateRequest, GenerateResult, InvalidRequest,
+                    Job, ModelInfo, OutputStore, Progress, Size)
 from engine.infotext import parse_infotext
 from engine.samplers import sampler_names
 
 log = logging.getLogger("ui")
 
-DEVICE_QUEUE = "device"  # concurrency_id shared by every event that runs the accelerator
+DEVICE_QUEUE = "device"  # concurrency_id of model loads: one at a time
+# Generations wait in the engine's queue, not Gradio's: Gradio hands up to this many at once to the
+# engine (each holds a handler thread while it waits) and queues the rest itself.
+GENERATE_QUEUE = "generate"
+GENERATE_ADMISSION = 32
 MAX_BATCH = 16
 MAX_SEED = 2**32 - 1
 PROGRESS_INTERVAL_S = 0.1  # the browser needs no more than ~10 progress updates a second
@@ -104,38 +106,11 @@ def session_of(request: Optional[gr.Request]) -> str:
     return (request.session_hash if request is not None else None) or "anonymous"
 
 
-# --- outputs on disk -----------------------------------------------------------------------------
-
-class OutputStore:
-    """Saves every image as A1111 does: ``<outputs>/<mode>-images/YYYY-MM-DD/NNNNN-<seed>.png``.
-
-    Images are written as soon as they are made, with their ``parameters`` chunk, so closing the
-    browser (or losing the connection) loses nothing.
-    """
-
-    _NUMBER = re.compile(r"^(\d+)-")
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self._lock = threading.Lock()
-
-    def save(self, mode: str, image: GeneratedImage, today: Optional[date] = None) -> Path:
-        folder = self.root / f"{mode}-images" / (today or date.today()).isoformat()
-        with self._lock:
-            folder.mkdir(parents=True, exist_ok=True)
-            number = self._next_number(folder)
-            while True:  # another process may write into the same folder
-                path = folder / f"{number:05d}-{image.seed}.png"
-                try:
-                    with open(path, "xb") as handle:
-                        handle.write(image.png)
-                    return path
-                except FileExistsError:
-                    number += 1
-
-    def _next_number(self, folder: Path) -> int:
-        numbers = [int(m.group(1)) for p in folder.iterdir() if (m := self._NUMBER.match(p.name))]
-        return max(numbers, default=-1) + 1
+def owner_of(request: Optional[gr.Request]) -> str:
+    """Who a job belongs to in the engine's queue: the logged-in user (the same name the HTTP API
+    uses, so a user's API ``/interrupt`` reaches their browser jobs too), else the browser session."""
+    username = getattr(request, "username", None) if request is not None else None
+    return f"user:{username}" if username else f"session:{session_of(request)}"
 
 
 # --- running a job -------------------------------------------------------------------------------
@@ -218,25 +193,49 @@ class ProgressReporter:
         self.index = 0
         self._last = 0.0
 
-    def __call__(self, p: Progress) -> None:
-        now = time.monotonic()
-        if self.progress is None or (now - self._last < PROGRESS_INTERVAL_S and p.step < p.total_steps):
+    def queued(self, position: int) -> None:
+        """Waiting in the engine's queue (position 1: next when a running job finishes)."""
+        if self.progress is None or not self._due(final=False):
             return
+        prefix = f"Image {self.index + 1}/{self.count} · " if self.count > 1 else ""
+        self.progress(None, desc=f"{prefix}In queue: position {position}")
+
+    def _due(self, final: bool) -> bool:
+        now = time.monotonic()
+        if now - self._last < PROGRESS_INTERVAL_S and not final:
+            return False
         self._last = now
+        return True
+
+    def __call__(self, p: Progress) -> None:
+        if self.progress is None or not self._due(final=p.step >= p.total_steps):
+            return
         done = self.index * p.total_steps + p.step
         prefix = f"Image {self.index + 1}/{self.count} · " if self.count > 1 else ""
         self.progress((done, self.count * p.total_steps),
                       desc=f"{prefix}step {p.step}/{p.total_steps} · {p.it_per_s:.2f} it/s", unit="steps")
 
 
-def run_job(ctx: AppContext, make_request: Callable[[], GenerateRequest], batch_count: Any, session: str,
-            progress: Optional[gr.Progress], what: str) -> JobOutcome:
-    """Generate ``batch_count`` images one at a time (so each is saved as soon as it exists and an
-    interrupt keeps the finished ones), translating engine errors into ``gr.Error``.
+def wait_for(job: Job, reporter: ProgressReporter) -> GenerateResult:
+    """Wait for a job in the engine's queue, showing its queue position, then its steps."""
+    while not job.wait(PROGRESS_INTERVAL_S):
+        if job.state == "queued":
+            reporter.queued(job.position)
+        elif job.progress is not None:
+            reporter(job.progress)
+    return job.result()
+
+
+def run_job(ctx: AppContext, make_request: Callable[[], GenerateRequest], batch_count: Any,
+            user: Optional[gr.Request], progress: Optional[gr.Progress], what: str) -> JobOutcome:
+    """Generate ``batch_count`` images one at a time, each a job in the engine's queue (so each is
+    saved as soon as it exists, an interrupt keeps the finished ones and other users' jobs take
+    turns with a long batch), translating engine errors into ``gr.Error``.
 
     ``make_request`` builds the request inside the translation, so a malformed size or seed is
     reported like any other engine error.
     """
+    session, owner = session_of(user), owner_of(user)
     flag = ctx.interrupts.begin(session)
     reporter = ProgressReporter(progress, count=1)
     outcome = JobOutcome()
@@ -253,8 +252,9 @@ def run_job(ctx: AppContext, make_request: Callable[[], GenerateRequest], batch_
                     break
                 reporter.index = index
                 try:
-                    result = ctx.engine.generate(replace(request, seed=seed + index, num_images=1),
-                                                 on_progress=reporter, cancel=flag)
+                    job = ctx.engine.submit(replace(request, seed=seed + index, num_images=1),
+                                            owner=owner, cancel=flag)
+                    result = wait_for(job, reporter)
                 except Cancelled:
                     break
                 results.append(result)

@@ -9,8 +9,8 @@ import gradio as gr
 from engine import GenerateRequest, InvalidRequest
 from engine.types import RESIZE_MODES
 
-from .common import (DEVICE_QUEUE, AppContext, GenerationControls, output_panel, parameter_controls, prompt_row,
-                     request_size, run_job, session_of, whole, wire_common)
+from .common import (GENERATE_ADMISSION, GENERATE_QUEUE, AppContext, GenerationControls, output_panel, parameter_controls, prompt_row,
+                     request_size, run_job, whole, wire_common)
 
 TAB = "img2img"
 
@@ -69,7 +69,7 @@ def wire(ctx: AppContext, c: Img2ImgControls, model: gr.Dropdown) -> None:
                 init_image=init_image, strength=_strength(denoising_strength),
                 resize_mode=resize_mode or RESIZE_MODES[0])
 
-        outcome = run_job(ctx, make_request, batch_count, session_of(request), progress, "img2img")
+        outcome = run_job(ctx, make_request, batch_count, request, progress, "img2img")
         return outcome.paths, (outcome.infotexts[0] if outcome.infotexts else ""), outcome.stats
 
     inputs = dict(init_image=c.init_image, prompt=c.prompt, negative_prompt=c.negative_prompt, model=model,
@@ -77,7 +77,7 @@ def wire(ctx: AppContext, c: Img2ImgControls, model: gr.Dropdown) -> None:
                   cfg_scale=c.cfg_scale, seed=c.seed, batch_count=c.batch_count, denoising_strength=c.strength,
                   resize_mode=c.resize_mode)
     c.generate.click(img2img, inputs_kwargs=inputs, outputs=[c.gallery, c.info, c.stats], api_name="img2img",
-                     concurrency_id=DEVICE_QUEUE, concurrency_limit=ctx.concurrency, show_progress_on=[c.gallery])
+                     concurrency_id=GENERATE_QUEUE, concurrency_limit=GENERATE_ADMISSION, show_progress_on=[c.gallery])
     wire_common(ctx, c)
 
 

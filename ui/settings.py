@@ -20,6 +20,10 @@ flag                       environment         default
 ``--threads N``            ``SD_THREADS``      torch's default
 ``--concurrency N``        ``SD_CONCURRENCY``  1 (generations at once on the device)
 ``--no-autocompile``       ``SD_AUTOCOMPILE=0``  compile the default model when missing
+``--api/--no-api``         ``SD_API=0``        on: /sdapi/v1, /ping, /invocations, /docs
+``--allow-image-urls``     ``SD_ALLOW_IMAGE_URLS=1``  off: image fields take base64 only
+``--sagemaker``            ``SM_MODEL_DIR``,   off; on: 0.0.0.0, port ``SAGEMAKER_BIND_TO_PORT``
+                           ``SAGEMAKER_BIND_TO_PORT``  or 8080, registry from ``SM_MODEL_DIR``
 =========================  ==================  =========================================
 """
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Mapping, Optional, Sequence
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
+SAGEMAKER_PORT = 8080
 BACKENDS = ("auto", "neuron", "cpu", "eager")
 SHARE_WARNING = (
     "WARNING: --share without --auth/--auth-file: anyone with the public link can use this machine "
@@ -65,10 +70,20 @@ class AppSettings:
     threads: Optional[int] = None
     concurrency: int = 1
     autocompile: bool = True
+    api: bool = True
+    allow_image_urls: bool = False
+    sagemaker: bool = False
 
     @property
     def share_without_auth(self) -> bool:
         return self.share and not self.auth
+
+    def public_flags(self) -> dict[str, object]:
+        """The settings as ``/sdapi/v1/cmd-flags`` shows them (passwords left out)."""
+        flags = {name: (str(value) if isinstance(value, Path) else value) for name, value in vars(self).items()}
+        flags["auth"] = [user for user, _ in self.auth]
+        flags["preload"] = [f"{p.model}@{p.size}" if p.size else p.model for p in self.preload]
+        return flags
 
 
 def _default_registry() -> Path:
@@ -111,6 +126,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                    default=_truthy(env("SD_AUTOCOMPILE", "1")),
                    help="do not compile the default model's missing artifacts at start "
                         "[SD_AUTOCOMPILE=0] (compile at start: %(default)s)")
+    p.add_argument("--api", action=argparse.BooleanOptionalAction, default=_truthy(env("SD_API", "1")),
+                   help="serve the HTTP API (/sdapi/v1, /ping, /invocations, /docs) beside the UI [SD_API]")
+    p.add_argument("--allow-image-urls", action="store_true", default=_truthy(env("SD_ALLOW_IMAGE_URLS", "")),
+                   help="let API image fields be http(s) URLs that the server downloads [SD_ALLOW_IMAGE_URLS]")
+    p.add_argument("--sagemaker", action="store_true",
+                   help="SageMaker hosting: listen on 0.0.0.0:$SAGEMAKER_BIND_TO_PORT (8080), take the registry from "
+                        "$SM_MODEL_DIR/model_registry.yaml when it exists")
     return p
 
 
@@ -160,11 +182,17 @@ def parse_settings(argv: Optional[Sequence[str]], environ: Mapping[str, str]) ->
     if args.auth_file:
         auth += _read_auth_file(Path(args.auth_file))
     threads = _positive_int("--threads", args.threads) if args.threads not in (None, "") else None
+    registry, host, port = Path(args.registry), args.host, args.port
+    if args.sagemaker:
+        host, port = "0.0.0.0", environ.get("SAGEMAKER_BIND_TO_PORT", str(SAGEMAKER_PORT))
+        packaged = Path(environ.get("SM_MODEL_DIR", "/opt/ml/model")) / "model_registry.yaml"
+        if packaged.is_file() and not environ.get("SD_REGISTRY") and registry == _default_registry():
+            registry = packaged
     return AppSettings(
-        registry=Path(args.registry),
+        registry=registry,
         backend=args.backend,
-        host=args.host,
-        port=_positive_int("--port", args.port),
+        host=host,
+        port=_positive_int("--port", port),
         share=args.share,
         auth=tuple(auth),
         preload=_parse_preload(args.preload),
@@ -173,4 +201,7 @@ def parse_settings(argv: Optional[Sequence[str]], environ: Mapping[str, str]) ->
         threads=threads,
         concurrency=_positive_int("--concurrency", args.concurrency),
         autocompile=args.autocompile,
+        api=args.api,
+        allow_image_urls=args.allow_image_urls,
+        sagemaker=args.sagemaker,
     )

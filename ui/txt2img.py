@@ -7,8 +7,8 @@ import gradio as gr
 
 from engine import GenerateRequest
 
-from .common import (DEVICE_QUEUE, AppContext, GenerationControls, output_panel, parameter_controls, prompt_row,
-                     request_size, run_job, session_of, whole, wire_common)
+from .common import (GENERATE_ADMISSION, GENERATE_QUEUE, AppContext, GenerationControls, output_panel, parameter_controls, prompt_row,
+                     request_size, run_job, whole, wire_common)
 
 TAB = "txt2img"
 
@@ -46,13 +46,13 @@ def wire(ctx: AppContext, c: GenerationControls, model: gr.Dropdown) -> None:
                 sampler=sampler or None, steps=whole("steps", steps), cfg_scale=cfg_scale,
                 seed=whole("seed", seed, -1), size=request_size(ctx, resolution, width, height))
 
-        outcome = run_job(ctx, make_request, batch_count, session_of(request), progress, "txt2img")
+        outcome = run_job(ctx, make_request, batch_count, request, progress, "txt2img")
         return outcome.paths, (outcome.infotexts[0] if outcome.infotexts else ""), outcome.stats
 
     inputs = dict(prompt=c.prompt, negative_prompt=c.negative_prompt, model=model, resolution=c.resolution,
                   width=c.width, height=c.height, sampler=c.sampler, steps=c.steps, cfg_scale=c.cfg_scale,
                   seed=c.seed, batch_count=c.batch_count)
     gr.on([c.generate.click], txt2img, inputs_kwargs=inputs, outputs=[c.gallery, c.info, c.stats],
-          api_name="txt2img", concurrency_id=DEVICE_QUEUE, concurrency_limit=ctx.concurrency,
+          api_name="txt2img", concurrency_id=GENERATE_QUEUE, concurrency_limit=GENERATE_ADMISSION,
           show_progress_on=[c.gallery])
     wire_common(ctx, c)

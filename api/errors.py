@@ -1,0 +1,61 @@
+"""Engine errors → HTTP answers, translated once for every API route (rule 8).
+
+Anything a client can send gets a 4xx that says what to change; a model the server cannot run
+right now (not compiled, cores busy, weights missing) is a 503 that says what an admin should run;
+anything else is a bug: Starlette answers a plain 500 and uvicorn logs the traceback once.
+"""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from engine import (ArtifactMismatch, ArtifactMissing, BackendUnavailable, CompileError, EngineError, InvalidRequest,
+                    ModelLoadError, RegistryError, UnknownModel, UnknownSampler, UnsupportedResolution)
+
+from .images import FieldError
+
+log = logging.getLogger("api")
+
+_SERVER_STATE = (ArtifactMissing, ArtifactMismatch, BackendUnavailable, ModelLoadError, CompileError, RegistryError)
+
+
+def status_of(exc: EngineError) -> int:
+    """The HTTP status of an engine error."""
+    if isinstance(exc, (UnknownSampler, UnknownModel)):
+        return 404
+    if isinstance(exc, UnsupportedResolution):
+        return 400
+    if isinstance(exc, InvalidRequest):
+        return 422
+    if isinstance(exc, _SERVER_STATE) or type(exc).__name__ in ("CoresBusy", "ModelTooLarge"):
+        return 503
+    return 400
+
+
+def detail_of(exc: EngineError) -> str:
+    """A1111 answers an unknown sampler with "Sampler not found"; keep its words, then ours."""
+    return f"Sampler not found: {exc}" if isinstance(exc, UnknownSampler) else str(exc)
+
+
+async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, EngineError)
+    code = status_of(exc)
+    log.info("%s %s refused (%d): %s", request.method, request.url.path, code, exc)
+    headers = {"Retry-After": "5"} if code == 503 else None
+    return JSONResponse({"detail": detail_of(exc)}, status_code=code, headers=headers)
+
+
+async def _field_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, FieldError)
+    if exc.status == 422:
+        loc = [int(part) if part.isdigit() else part for part in exc.field.replace("]", "").split("[")]
+        detail = [{"type": "value_error", "loc": ["body", *loc], "msg": exc.message}]
+        return JSONResponse({"detail": detail}, status_code=422)
+    return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(EngineError, _engine_error)
+    app.add_exception_handler(FieldError, _field_error)

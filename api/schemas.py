@@ -1,0 +1,211 @@
+"""Pydantic models of the HTTP API, with AUTOMATIC1111's field names and defaults.
+
+The OpenAPI schema at ``/openapi.json`` is generated from these models; the SageMaker route reuses
+them. Request models accept every field A1111 has (and unknown ones, reported back in
+``warnings``); which of them change the image and cannot be honoured here is decided in
+``api.service``, which answers 400 naming the field.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_IMAGES = 16  # batch_size * n_iter, as the engine allows per request
+MAX_SEED = 2**32 - 1
+
+
+class _Lenient(BaseModel):
+    """Accepts fields it does not declare (``model_extra``), so A1111 clients never get a 422 for them."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class GenerationFields(_Lenient):
+    """Fields txt2img and img2img share (A1111's ``StableDiffusionProcessing`` API fields)."""
+
+    prompt: str = Field("", description="What to draw. A1111 prompt syntax is passed through as text.")
+    negative_prompt: str = Field("", description="What to avoid.")
+    styles: list[str] = Field(default_factory=list, description="A1111 styles: not available here; must be empty.")
+    seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1 draws a random seed; image i of the request uses seed + i.")
+    subseed: int = Field(-1, ge=-1, le=MAX_SEED, description="Accepted; variation seeds need subseed_strength, which must be 0.")
+    subseed_strength: float = Field(0.0, ge=0, le=1, description="Variation strength: not available here; must be 0.")
+    seed_resize_from_h: int = Field(-1, ge=-1, description="Not available here; -1 or 0.")
+    seed_resize_from_w: int = Field(-1, ge=-1, description="Not available here; -1 or 0.")
+    sampler_name: Optional[str] = Field(None, description="A1111 sampler name or alias (see /sdapi/v1/samplers); default: the model's.")
+    sampler_index: Optional[str] = Field(None, description="Legacy name of sampler_name (used when sampler_name is absent).")
+    scheduler: Optional[str] = Field(None, description="A1111 schedule type: automatic (the sampler's own) or karras.")
+    batch_size: int = Field(1, ge=1, le=MAX_IMAGES, description="Images per batch (batch_size * n_iter images in all, at most 16).")
+    n_iter: int = Field(1, ge=1, le=MAX_IMAGES, description="Number of batches.")
+    steps: Optional[int] = Field(None, ge=1, le=150, description="Sampling steps; default: the model's.")
+    cfg_scale: Optional[float] = Field(None, ge=1, le=30, description="Classifier-free guidance scale; default: the model's.")
+    width: Optional[int] = Field(None, ge=64, le=2048, description="Default: the model's first compiled size. Fixed-shape backends accept compiled sizes only.")
+    height: Optional[int] = Field(None, ge=64, le=2048, description="See width.")
+    restore_faces: Optional[bool] = Field(None, description="Not available here; false or null.")
+    tiling: Optional[bool] = Field(None, description="Not available here; false or null.")
+    do_not_save_samples: bool = Field(False, description="With save_images, still do not save.")
+    do_not_save_grid: bool = Field(False, description="Accepted; grids are never saved.")
+    eta: Optional[float] = Field(None, description="Sampler eta: only null, 0 and 1 (the samplers' own values) are accepted.")
+    denoising_strength: Optional[float] = Field(None, ge=0, le=1, description="img2img: how much to change the input (default 0.75). txt2img: used by hires fix only.")
+    s_min_uncond: Optional[float] = Field(None, description="Not available here; 0 or null.")
+    s_churn: Optional[float] = Field(None, description="Not available here; 0 or null.")
+    s_tmax: Optional[float] = Field(None, description="Not available here; 0 or null.")
+    s_tmin: Optional[float] = Field(None, description="Not available here; 0 or null.")
+    s_noise: Optional[float] = Field(None, description="Not available here; 1 or null.")
+    override_settings: Optional[dict[str, Any]] = Field(None, description="Per-request options; sd_model_checkpoint switches the model for this request.")
+    override_settings_restore_afterwards: bool = Field(True, description="Accepted; overrides never outlive the request here.")
+    refiner_checkpoint: Optional[str] = Field(None, description="Not available here; null.")
+    refiner_switch_at: Optional[float] = Field(None, description="Not available here; null.")
+    disable_extra_networks: bool = Field(False, description="Accepted; there are no extra networks yet.")
+    comments: Optional[dict[str, Any]] = Field(None, description="Accepted and ignored.")
+    script_name: Optional[str] = Field(None, description="A1111 scripts are not available here; null or empty.")
+    script_args: list[Any] = Field(default_factory=list, description="Arguments of script_name.")
+    send_images: bool = Field(True, description="Return the images in the response.")
+    save_images: bool = Field(False, description="Also save the PNGs in the server's outputs directory.")
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="A1111 extensions are not available here; must be empty.")
+    force_task_id: Optional[str] = Field(None, description="Accepted; progress reports the caller's own job.")
+    infotext: Optional[str] = Field(None, description="Accepted and ignored (A1111 parses it into fields).")
+
+
+class Txt2ImgRequest(GenerationFields):
+    """``POST /sdapi/v1/txt2img``."""
+
+    enable_hr: bool = Field(False, description="Hires fix: not available yet; must be false.")
+    firstphase_width: int = Field(0, description="Hires fix only.")
+    firstphase_height: int = Field(0, description="Hires fix only.")
+    hr_scale: float = Field(2.0, description="Hires fix only.")
+    hr_upscaler: Optional[str] = Field(None, description="Hires fix only.")
+    hr_second_pass_steps: int = Field(0, description="Hires fix only.")
+    hr_resize_x: int = Field(0, description="Hires fix only.")
+    hr_resize_y: int = Field(0, description="Hires fix only.")
+    hr_checkpoint_name: Optional[str] = Field(None, description="Hires fix only.")
+    hr_sampler_name: Optional[str] = Field(None, description="Hires fix only.")
+    hr_scheduler: Optional[str] = Field(None, description="Hires fix only.")
+    hr_prompt: str = Field("", description="Hires fix only.")
+    hr_negative_prompt: str = Field("", description="Hires fix only.")
+    firstpass_image: Optional[str] = Field(None, description="Hires fix only.")
+
+
+class Img2ImgRequest(GenerationFields):
+    """``POST /sdapi/v1/img2img``."""
+
+    init_images: list[str] = Field(..., min_length=1, description="Base64 images (a data: URI prefix is allowed); image i of the request starts from init_images[i % len].")
+    resize_mode: int = Field(0, ge=0, le=3, description="0 just resize, 1 crop and resize, 2 resize and fill (3, latent upscale, is not available).")
+    image_cfg_scale: Optional[float] = Field(None, description="instruct-pix2pix only; accepted and ignored.")
+    mask: Optional[str] = Field(None, description="Inpainting: not available yet; null.")
+    mask_blur_x: int = Field(4, description="Inpainting only.")
+    mask_blur_y: int = Field(4, description="Inpainting only.")
+    mask_blur: Optional[int] = Field(None, description="Inpainting only.")
+    mask_round: bool = Field(True, description="Inpainting only.")
+    inpainting_fill: int = Field(0, description="Inpainting only.")
+    inpaint_full_res: Any = Field(True, description="Inpainting only.")
+    inpaint_full_res_padding: int = Field(0, description="Inpainting only.")
+    inpainting_mask_invert: int = Field(0, description="Inpainting only.")
+    initial_noise_multiplier: Optional[float] = Field(None, description="Only null or 1.")
+    latent_mask: Optional[str] = Field(None, description="Inpainting only.")
+    include_init_images: bool = Field(False, description="Echo init_images in the response's parameters.")
+
+
+class ImageResponse(BaseModel):
+    """What txt2img and img2img (and ``/invocations`` with ``Accept: application/json``) return."""
+
+    images: list[str] = Field(description="Base64 PNGs, each with its A1111 'parameters' text chunk.")
+    parameters: dict[str, Any] = Field(description="The request as received.")
+    info: str = Field(description="A JSON string: seed, all_seeds, prompt, sampler_name, steps, cfg_scale, infotexts, ...")
+    warnings: list[str] = Field(default_factory=list, description="Fields accepted but not used, and why.")
+
+
+class SamplerItem(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class SchedulerItem(BaseModel):
+    name: str
+    label: str
+    aliases: Optional[list[str]] = None
+    default_rho: float = -1
+    need_inner_model: bool = False
+
+
+class SDModelItem(BaseModel):
+    title: str = Field(description="What sd_model_checkpoint takes (the registry id).")
+    model_name: str
+    hash: Optional[str] = None
+    sha256: Optional[str] = None
+    filename: str = Field(description="Where the weights come from (hub id, directory or file).")
+    config: Optional[str] = None
+    family: str
+    resolutions: list[str] = Field(description="Sizes listed in the registry.")
+    compiled: list[str] = Field(description="Sizes this backend can generate now.")
+
+
+class UpscalerItem(BaseModel):
+    name: str
+    model_name: Optional[str] = None
+    model_path: Optional[str] = None
+    model_url: Optional[str] = None
+    scale: Optional[float] = None
+
+
+class ProgressState(BaseModel):
+    skipped: bool = False
+    interrupted: bool = False
+    stopping_generation: bool = False
+    job: str = ""
+    job_count: int = Field(0, description="Jobs running and waiting in the engine's queue.")
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    queue_position: int = Field(0, description="The caller's job: 0 running (or none), n waiting behind n-1 others.")
+
+
+class ProgressResponse(BaseModel):
+    progress: float = Field(description="0..1 of the reported job.")
+    eta_relative: float = Field(description="Seconds left for the reported job (estimate).")
+    state: ProgressState
+    current_image: Optional[str] = Field(None, description="Live preview: not available yet (null).")
+    textinfo: Optional[str] = None
+
+
+class PngInfoRequest(BaseModel):
+    image: str = Field(description="A base64 PNG (a data: URI prefix is allowed).")
+
+
+class PngInfoResponse(BaseModel):
+    info: str = Field(description="The 'parameters' text chunk ('' when there is none).")
+    items: dict[str, Any] = Field(description="The PNG's other text chunks.")
+    parameters: dict[str, Any] = Field(description="'info' parsed into fields (A1111 infotext keys).")
+
+
+class MemoryResponse(BaseModel):
+    ram: dict[str, Any]
+    cuda: dict[str, Any]
+    engine: dict[str, Any] = Field(description="Backend, warm pipelines and, on Neuron, the NeuronCores.")
+
+
+class OptionsUpdate(_Lenient):
+    """``POST /sdapi/v1/options``: ``sd_model_checkpoint`` switches (and warms) the default model;
+    other A1111 options are stored and echoed by GET but do not change generation."""
+
+    sd_model_checkpoint: Optional[str] = None
+
+
+class InvocationRequest(_Lenient):
+    """``POST /invocations`` (SageMaker). Takes the body of seed 001 (``{"prompt", "parameters"}``),
+    the Stable Diffusion Quick Kit's (prompt, negative_prompt, steps, sampler, seed, height, width,
+    count, input_image) and any txt2img/img2img field, at the top level or in ``parameters``."""
+
+    prompt: str = ""
+    negative_prompt: Optional[str] = None
+    steps: Optional[int] = None
+    sampler: Optional[str] = Field(None, description="Sampler name or alias such as euler_a.")
+    seed: Optional[int] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    count: Optional[int] = Field(None, ge=1, le=MAX_IMAGES, description="Number of images.")
+    input_image: Optional[str] = Field(None, description="img2img input: base64 (or an http(s) URL with --allow-image-urls).")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="More fields: A1111 names or diffusers names "
+                                       "(num_inference_steps, guidance_scale, num_images_per_prompt, strength).")

@@ -1,0 +1,234 @@
+"""The engine's one admission queue and its long-lived device worker threads.
+
+Every generation — a UI click, an HTTP API call, a SageMaker invocation — is a ``Job`` submitted
+here. Jobs wait in one FIFO; ``workers`` long-lived threads take them in order and run them. Torch
+work therefore always runs on the same few threads, whatever thread the request arrived on (on
+this 2-core machine torch work moved between threads ran ~3x slower: OpenMP keeps a thread team
+per calling thread and an idle team spins).
+
+The interface is deliberately small, so that batching and replicas can plug in behind it:
+
+- ``submit(work, owner, ...) -> Job``: queue a job; ``Job.result()`` waits for it.
+- ``Job.position``: 0 while running, ``n`` while ``n - 1`` jobs are ahead of it.
+- ``interrupt(owner)`` / ``skip(owner)``: flag that owner's jobs (and nobody else's).
+- ``snapshot()``: what is running and waiting, for progress reports.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Optional, Protocol, TypeVar
+
+from .errors import Cancelled, EngineError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class CancelFlag(Protocol):
+    def is_set(self) -> bool: ...
+
+
+class Job(Generic[T]):
+    """One queued unit of device work and everything a caller may ask about it.
+
+    ``payload`` is what was submitted (a ``GenerateRequest`` for the engine); ``progress`` is the
+    latest report of the running job (set by the work through ``report``); ``cancel`` is an extra
+    flag of the caller's (e.g. a browser session's Interrupt button) checked with the job's own.
+    """
+
+    def __init__(self, scheduler: "Scheduler[T]", number: int, payload: Any, owner: str,
+                 cancel: Optional[CancelFlag] = None):
+        self.id = f"job-{number}"
+        self.number = number
+        self.payload = payload
+        self.owner = owner
+        self.submitted = time.time()
+        self.started: Optional[float] = None
+        self.finished: Optional[float] = None
+        self.future: "Future[T]" = Future()
+        self.progress: Any = None
+        self._scheduler = scheduler
+        self._interrupted = threading.Event()
+        self._skipped = threading.Event()
+        self._cancel = cancel
+
+    # --- caller side ---------------------------------------------------------------------------
+
+    @property
+    def position(self) -> int:
+        """0 while running (or done), else 1 + the number of jobs ahead of it in the queue."""
+        return self._scheduler.position(self)
+
+    @property
+    def state(self) -> str:
+        """``queued``, ``running`` or ``done``."""
+        if self.future.done():
+            return "done"
+        return "running" if self.started is not None else "queued"
+
+    def result(self, timeout: Optional[float] = None) -> T:
+        """Wait for the job; raises what the work raised (``Cancelled`` when interrupted)."""
+        return self.future.result(timeout)
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Wait up to ``timeout`` seconds; True once the job is done."""
+        try:
+            self.future.exception(timeout)
+        except TimeoutError:
+            return False
+        except Exception:  # a cancelled future: done as well
+            pass
+        return True
+
+    def interrupt(self) -> None:
+        """Stop at the next step boundary (or before starting); ``result()`` raises ``Cancelled``."""
+        self._interrupted.set()
+
+    def skip(self) -> None:
+        """Abandon the image being made and go on with the job's next one (A1111's Skip)."""
+        self._skipped.set()
+
+    # --- work side -----------------------------------------------------------------------------
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupted.is_set() or (self._cancel is not None and self._cancel.is_set())
+
+    def take_skip(self) -> bool:
+        """True once per Skip: the work abandons its current image and clears the flag."""
+        if self._skipped.is_set():
+            self._skipped.clear()
+            return True
+        return False
+
+    def report(self, progress: Any) -> None:
+        self.progress = progress
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """Jobs running (oldest first) and waiting (in the order they will run)."""
+
+    running: tuple[Job, ...]
+    waiting: tuple[Job, ...]
+
+    @property
+    def job_count(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+
+class Scheduler(Generic[T]):
+    """One FIFO of jobs, served by ``workers`` long-lived threads that call ``execute(job)``.
+
+    ``execute`` runs on a worker thread and returns the job's result or raises; a job interrupted
+    while still queued is answered ``Cancelled`` without running. Exceptions never stop a worker.
+    """
+
+    def __init__(self, execute: Callable[[Job[T]], T], workers: int = 1, name: str = "device"):
+        if workers < 1:
+            raise ValueError("a scheduler needs at least one worker")
+        self._execute = execute
+        self._condition = threading.Condition()
+        self._waiting: deque[Job[T]] = deque()
+        self._running: list[Job[T]] = []
+        self._numbers = itertools.count(1)
+        self._closed = False
+        self.name = name
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-worker-{i}", daemon=True)
+                         for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def workers(self) -> int:
+        return len(self._threads)
+
+    def submit(self, payload: Any, owner: str = "", cancel: Optional[CancelFlag] = None) -> Job[T]:
+        """Queue ``payload`` for ``owner`` (who may interrupt it); returns at once."""
+        with self._condition:
+            if self._closed:
+                raise EngineError("the engine is shutting down; try again on a running server")
+            job: Job[T] = Job(self, next(self._numbers), payload, owner, cancel)
+            self._waiting.append(job)
+            self._condition.notify()
+        return job
+
+    def position(self, job: Job[T]) -> int:
+        with self._condition:
+            try:
+                return self._waiting.index(job) + 1
+            except ValueError:
+                return 0
+
+    def snapshot(self) -> QueueSnapshot:
+        with self._condition:
+            return QueueSnapshot(tuple(self._running), tuple(self._waiting))
+
+    def jobs_of(self, owner: str) -> list[Job[T]]:
+        """``owner``'s running and waiting jobs, running first."""
+        snapshot = self.snapshot()
+        return [job for job in (*snapshot.running, *snapshot.waiting) if job.owner == owner]
+
+    def interrupt(self, owner: str) -> int:
+        """Interrupt every running or waiting job of ``owner``; returns how many were flagged."""
+        jobs = self.jobs_of(owner)
+        for job in jobs:
+            job.interrupt()
+        return len(jobs)
+
+    def skip(self, owner: str) -> int:
+        """Skip the current image of ``owner``'s running jobs; returns how many were flagged."""
+        jobs = [job for job in self.jobs_of(owner) if job.state == "running"]
+        for job in jobs:
+            job.skip()
+        return len(jobs)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Refuse new jobs, cancel the waiting ones and let the workers finish their current job."""
+        with self._condition:
+            self._closed = True
+            waiting, self._waiting = list(self._waiting), deque()
+            self._condition.notify_all()
+        for job in waiting:
+            job.future.set_exception(Cancelled("the server is shutting down"))
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _next(self) -> Optional[Job[T]]:
+        with self._condition:
+            while not self._waiting and not self._closed:
+                self._condition.wait()
+            if self._closed:
+                return None
+            job = self._waiting.popleft()
+            job.started = time.time()
+            self._running.append(job)
+            return job
+
+    def _work(self) -> None:
+        while (job := self._next()) is not None:
+            try:
+                if job.interrupted:
+                    raise Cancelled("interrupted before it started")
+                result = self._execute(job)
+            except BaseException as exc:  # the caller gets it; the worker keeps serving
+                outcome: tuple[Optional[T], Optional[BaseException]] = (None, exc)
+            else:
+                outcome = (result, None)
+            with self._condition:
+                self._running.remove(job)
+                job.finished = time.time()
+            if outcome[1] is not None:
+                job.future.set_exception(outcome[1])
+            else:
+                job.future.set_result(outcome[0])  # type: ignore[arg-type]
+
+
+__all__ = ["Scheduler", "Job", "QueueSnapshot", "CancelFlag"]
