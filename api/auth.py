@@ -39,11 +39,15 @@ _basic = HTTPBasic(auto_error=False, realm="Stable Diffusion API")
 
 def require_user(credentials: Credentials) -> Callable[..., Optional[str]]:
     """A FastAPI dependency: the authenticated user name, None when auth is off, else 401.
-    (It also puts HTTP Basic into the OpenAPI schema, so /docs has an Authorize button.)"""
+    With auth on it also puts HTTP Basic into the OpenAPI schema (/docs gets an Authorize button)."""
+
+    if not credentials.enabled:
+        def open_server() -> None:  # no security scheme in the schema: the server asks for none
+            return None
+
+        return open_server
 
     def dependency(given: Optional[HTTPBasicCredentials] = Depends(_basic)) -> Optional[str]:
-        if not credentials.enabled:
-            return None
         if given is None or not credentials.check(given.username, given.password):
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "authentication required: send HTTP Basic credentials "
                                 "(a user:password of the server's --auth or --auth-file)",

@@ -7,6 +7,7 @@ anything else is a bug: Starlette answers a plain 500 and uvicorn logs the trace
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -15,8 +16,18 @@ from engine import (ArtifactMismatch, ArtifactMissing, BackendUnavailable, Compi
                     ModelLoadError, RegistryError, UnknownModel, UnknownSampler, UnsupportedResolution)
 
 from .images import FieldError
+from .schemas import ErrorResponse
 
 log = logging.getLogger("api")
+
+# Documented on every route, so the OpenAPI schema lists every status a client can get.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "The request asks for something this server cannot do (the detail says what)."},
+    401: {"model": ErrorResponse, "description": "Auth is on and no valid HTTP Basic credentials were sent."},
+    404: {"model": ErrorResponse, "description": "Unknown model or sampler."},
+    406: {"model": ErrorResponse, "description": "The Accept header asks for a type this route cannot give."},
+    503: {"model": ErrorResponse, "description": "The model cannot run right now (not compiled, cores busy, load failed)."},
+}
 
 _SERVER_STATE = (ArtifactMissing, ArtifactMismatch, BackendUnavailable, ModelLoadError, CompileError, RegistryError)
 
@@ -44,6 +55,8 @@ async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
     code = status_of(exc)
     log.info("%s %s refused (%d): %s", request.method, request.url.path, code, exc)
     headers = {"Retry-After": "5"} if code == 503 else None
+    if code == 422:  # FastAPI's validation shape, so every 422 reads the same
+        return JSONResponse({"detail": [{"type": "value_error", "loc": ["body"], "msg": str(exc)}]}, status_code=422)
     return JSONResponse({"detail": detail_of(exc)}, status_code=code, headers=headers)
 
 

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from .auth import owner_for, require_user
+from .errors import ERROR_RESPONSES
 from .images import FieldError, is_url
 from .schemas import ImageResponse, Img2ImgRequest, InvocationRequest, Txt2ImgRequest
 from .service import ApiContext, generate
@@ -30,7 +31,7 @@ _TOP_LEVEL = ("prompt", "negative_prompt", "steps", "sampler", "seed", "height",
 
 def create_router(ctx: ApiContext) -> APIRouter:
     user = require_user(ctx.credentials)
-    router = APIRouter(tags=["sagemaker"])
+    router = APIRouter(tags=["sagemaker"], responses=ERROR_RESPONSES)
 
     @router.get("/ping", summary="Health check: 200 once the default model is warm, else 503",
                 responses={503: {"description": "still loading the default model, or it failed (see detail)"}})

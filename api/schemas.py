@@ -106,6 +106,12 @@ class Img2ImgRequest(GenerationFields):
     include_init_images: bool = Field(False, description="Echo init_images in the response's parameters.")
 
 
+class ErrorResponse(BaseModel):
+    """Every refusal: ``detail`` says what to change (422s list the fields, as FastAPI does)."""
+
+    detail: Any
+
+
 class ImageResponse(BaseModel):
     """What txt2img and img2img (and ``/invocations`` with ``Accept: application/json``) return."""
 

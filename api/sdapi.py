@@ -18,6 +18,7 @@ from engine.infotext import PARAMETERS_KEY, parse_infotext
 from engine.samplers import sampler_aliases, sampler_names
 
 from .auth import owner_for, require_user
+from .errors import ERROR_RESPONSES
 from .images import decode_base64, open_image
 from .schemas import (ImageResponse, Img2ImgRequest, MemoryResponse, OptionsUpdate, PngInfoRequest, PngInfoResponse,
                       ProgressResponse, ProgressState, SamplerItem, SchedulerItem, SDModelItem, Txt2ImgRequest,
@@ -35,7 +36,7 @@ _EMPTY_LISTS = ("sd-vae", "loras", "hypernetworks", "face-restorers", "prompt-st
 def create_router(ctx: ApiContext) -> APIRouter:
     """The ``/sdapi/v1`` routes, all behind the server's credentials when auth is on."""
     user = require_user(ctx.credentials)
-    router = APIRouter(prefix=PREFIX, tags=["sdapi"], dependencies=[Depends(user)])
+    router = APIRouter(prefix=PREFIX, tags=["sdapi"], dependencies=[Depends(user)], responses=ERROR_RESPONSES)
     _generation_routes(router, ctx, user)
     _listing_routes(router, ctx)
     _state_routes(router, ctx, user)

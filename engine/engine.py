@@ -307,8 +307,10 @@ class Engine:
         _check_range("number of images", request.num_images, 1, MAX_IMAGES)
         if request.init_image is not None:
             _check_range("denoising strength", request.strength, 0.0, 1.0)
-        if not request.prompt.strip():
-            raise InvalidRequest("the prompt is empty; describe the image you want")
+            if int(steps * request.strength) < 1:
+                raise InvalidRequest(
+                    f"denoising strength {request.strength:g} with {steps} steps runs no denoising step "
+                    f"(img2img runs strength x steps of them); raise the strength or the steps")
         seed = request.seed if request.seed not in (-1, None) else random.SystemRandom().randrange(MAX_SEED)
         _check_range("seed", seed, 0, MAX_SEED)
         size = self._check_size(spec, request.size or spec.default_size)

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import diffusers
 
-from .errors import UnknownSampler
+from .errors import InvalidRequest, UnknownSampler
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,8 @@ def sampler_aliases(name: str) -> list[str]:
 def canonical_sampler(name: str, schedule: str = "automatic") -> str:
     """The A1111 sampler name for ``name`` (a name or alias, any case) under A1111's separate
     ``scheduler`` field ("automatic" keeps the sampler's own schedule, "karras" picks its Karras
-    variant); raises ``UnknownSampler``, naming what is available."""
+    variant); raises ``UnknownSampler`` for an unknown name and ``InvalidRequest`` for a schedule
+    the sampler does not have, naming what is available."""
     wanted = name.strip().lower()
     found = next((n for n in SAMPLERS if wanted == n.lower() or wanted in sampler_aliases(n)), None)
     if found is None:
@@ -87,7 +88,7 @@ def canonical_sampler(name: str, schedule: str = "automatic") -> str:
     if schedule == "karras" and found + KARRAS_SUFFIX in SAMPLERS:
         return found + KARRAS_SUFFIX
     karras = [n for n in SAMPLERS if n.endswith(KARRAS_SUFFIX)]
-    raise UnknownSampler(f"schedule type {schedule!r} is not available for {found}; use 'automatic'"
+    raise InvalidRequest(f"schedule type {schedule!r} is not available for {found}; use 'automatic'"
                          + (", or 'karras' with one of: " + ", ".join(n[:-len(KARRAS_SUFFIX)] for n in karras)
                             if schedule == "karras" else " or 'karras'"))
 

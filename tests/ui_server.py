@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,9 +90,12 @@ def start_app(registry: Path, tmp: Path, extra_args: Sequence[str] = (), backend
 
 
 def _answers(url: str) -> bool:
+    """The server answers HTTP (a 401 behind --auth counts: it is up)."""
     try:
         with urllib.request.urlopen(url + "config", timeout=2) as response:
             return response.status == 200
+    except urllib.error.HTTPError as error:
+        return error.code == 401
     except OSError:
         return False
 

@@ -1,0 +1,162 @@
+"""The engine's admission queue (engine/scheduler.py): FIFO order, positions, long-lived workers,
+owner-scoped interrupt and skip, failures that leave the worker serving."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from engine import Cancelled
+from engine.scheduler import Scheduler
+
+
+class Gate:
+    """Work that blocks until released, recording the order and the thread it ran on."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.ran: list[str] = []
+        self.threads: set[int] = set()
+
+    def __call__(self, job):
+        self.threads.add(threading.get_ident())
+        if job.payload == "block":
+            assert self.release.wait(10)
+        if job.payload == "fail":
+            raise RuntimeError("work failed")
+        if job.payload == "until-interrupted":
+            while not job.interrupted:
+                time.sleep(0.01)
+            raise Cancelled("interrupted")
+        self.ran.append(job.payload)
+        return job.payload.upper()
+
+
+@pytest.fixture
+def gate_scheduler():
+    gate = Gate()
+    scheduler = Scheduler(gate, workers=1, name="test")
+    yield gate, scheduler
+    gate.release.set()
+    scheduler.close()
+
+
+def _wait_running(job, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while job.state != "running":
+        assert time.monotonic() < deadline, "job never started"
+        time.sleep(0.005)
+
+
+def test_jobs_run_in_submission_order_on_one_long_lived_thread(gate_scheduler):
+    gate, scheduler = gate_scheduler
+    blocker = scheduler.submit("block")
+    _wait_running(blocker)
+    jobs = [scheduler.submit(name) for name in ("a", "b", "c")]
+    assert [job.position for job in jobs] == [1, 2, 3] and blocker.position == 0
+    assert scheduler.snapshot().job_count == 4
+    gate.release.set()
+    assert [job.result(5) for job in jobs] == ["A", "B", "C"]
+    assert gate.ran == ["block", "a", "b", "c"]
+    assert len(gate.threads) == 1 and threading.get_ident() not in gate.threads
+    assert scheduler.snapshot().job_count == 0 and jobs[0].state == "done"
+
+
+def test_interrupt_reaches_only_the_owners_jobs_and_queued_ones_never_run(gate_scheduler):
+    gate, scheduler = gate_scheduler
+    running = scheduler.submit("until-interrupted", owner="alice")
+    _wait_running(running)
+    alice_queued = scheduler.submit("alice-next", owner="alice")
+    bob_queued = scheduler.submit("bob-next", owner="bob")
+    assert scheduler.interrupt("carol") == 0
+    assert scheduler.interrupt("alice") == 2
+    with pytest.raises(Cancelled):
+        running.result(5)
+    with pytest.raises(Cancelled, match="before it started"):
+        alice_queued.result(5)
+    assert bob_queued.result(5) == "BOB-NEXT"
+    assert gate.ran == ["bob-next"]
+
+
+def test_an_external_cancel_flag_counts_as_an_interrupt(gate_scheduler):
+    _, scheduler = gate_scheduler
+    flag = threading.Event()
+    job = scheduler.submit("until-interrupted", cancel=flag)
+    _wait_running(job)
+    flag.set()
+    with pytest.raises(Cancelled):
+        job.result(5)
+
+
+def test_skip_flags_running_jobs_once(gate_scheduler):
+    gate, scheduler = gate_scheduler
+    blocker = scheduler.submit("block", owner="alice")
+    waiting = scheduler.submit("x", owner="alice")
+    _wait_running(blocker)
+    assert scheduler.skip("alice") == 1  # only the running one
+    assert blocker.take_skip() and not blocker.take_skip()
+    assert not waiting.take_skip()
+    gate.release.set()
+
+
+def test_a_failing_job_leaves_the_worker_serving(gate_scheduler):
+    _, scheduler = gate_scheduler
+    failed = scheduler.submit("fail")
+    after = scheduler.submit("after")
+    with pytest.raises(RuntimeError, match="work failed"):
+        failed.result(5)
+    assert after.result(5) == "AFTER"
+
+
+def test_close_cancels_waiting_jobs_and_refuses_new_ones():
+    gate = Gate()
+    scheduler = Scheduler(gate, workers=1)
+    blocker = scheduler.submit("block")
+    _wait_running(blocker)
+    waiting = scheduler.submit("never")
+    closer = threading.Thread(target=scheduler.close)
+    closer.start()
+    with pytest.raises(Cancelled, match="shutting down"):
+        waiting.result(5)
+    gate.release.set()
+    closer.join(5)
+    assert blocker.result(5) == "BLOCK"
+    from engine import EngineError
+
+    with pytest.raises(EngineError, match="shutting down"):
+        scheduler.submit("late")
+
+
+def test_two_workers_run_two_jobs_at_once():
+    gate = Gate()
+    scheduler = Scheduler(gate, workers=2)
+    try:
+        first, second = scheduler.submit("block"), scheduler.submit("block")
+        _wait_running(first)
+        _wait_running(second)
+        assert len(scheduler.snapshot().running) == 2
+        gate.release.set()
+        assert (first.result(5), second.result(5)) == ("BLOCK", "BLOCK")
+        assert len(gate.threads) == 2
+    finally:
+        gate.release.set()
+        scheduler.close()
+
+
+def test_engine_generation_runs_on_the_device_worker_and_reports_progress(cpu_engine):
+    """The engine's jobs run on its worker thread whatever thread submits them."""
+    from engine import GenerateRequest
+
+    seen_threads = set()
+    steps = []
+
+    def on_progress(p):
+        seen_threads.add(threading.current_thread().name)
+        steps.append(p.step)
+
+    job = cpu_engine.submit(GenerateRequest(model="tiny-sd15", prompt="a circle", steps=3, seed=1),
+                            owner="t", on_progress=on_progress)
+    result = job.result(60)
+    assert steps == [1, 2, 3] and seen_threads == {"device-worker-0"}
+    assert job.progress.step == 3 and result.images[0].seed == 1
