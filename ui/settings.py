@@ -17,7 +17,7 @@ flag                       environment         default
 ``--preload M[,M]``        ``SD_PRELOAD``      none (``MODEL`` or ``MODEL@WxH``)
 ``--max-warm N``           ``SD_MAX_WARM``     2
 ``--outputs DIR``          ``SD_OUTPUTS``      ``outputs/``
-``--threads N``            ``SD_THREADS``      torch's default
+``--threads N``            ``SD_THREADS``      every core but one (at least 1)
 ``--concurrency N``        ``SD_CONCURRENCY``  1 (generations at once on the device)
 ``--no-autocompile``       ``SD_AUTOCOMPILE=0``  compile the default model when missing
 ``--api/--no-api``         ``SD_API=0``        on: /sdapi/v1, /ping, /invocations, /docs
@@ -119,7 +119,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--max-warm", default=env("SD_MAX_WARM", "2"), help="warm pipelines kept at most [SD_MAX_WARM]")
     p.add_argument("--outputs", type=Path, default=Path(env("SD_OUTPUTS", "outputs")),
                    help="every generated PNG is saved here [SD_OUTPUTS]")
-    p.add_argument("--threads", default=env("SD_THREADS"), help="torch CPU threads [SD_THREADS]")
+    p.add_argument("--threads", default=env("SD_THREADS"), help="torch intra-op threads (default: every core but one) [SD_THREADS]")
     p.add_argument("--concurrency", default=env("SD_CONCURRENCY", "1"),
                    help="generations running at once on the device; others wait in the queue [SD_CONCURRENCY]")
     p.add_argument("--no-autocompile", dest="autocompile", action="store_false",
@@ -200,7 +200,9 @@ def parse_settings(argv: Optional[Sequence[str]], environ: Mapping[str, str]) ->
         outputs=Path(args.outputs),
         threads=threads,
         concurrency=_positive_int("--concurrency", args.concurrency),
-        autocompile=args.autocompile,
+        # An endpoint must not compile at start (it takes longer than SageMaker's health check
+        # allows): with --sagemaker only an explicit SD_AUTOCOMPILE=1 turns it on.
+        autocompile=args.autocompile and (not args.sagemaker or _truthy(environ.get("SD_AUTOCOMPILE", "0"))),
         api=args.api,
         allow_image_urls=args.allow_image_urls,
         sagemaker=args.sagemaker,
