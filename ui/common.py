@@ -198,7 +198,7 @@ class ProgressReporter:
         if self.progress is None or not self._due(final=False):
             return
         prefix = f"Image {self.index + 1}/{self.count} · " if self.count > 1 else ""
-        self.progress(None, desc=f"{prefix}In queue: position {position}")
+        self.progress(0.0, desc=f"{prefix}In queue: position {position}")
 
     def _due(self, final: bool) -> bool:
         now = time.monotonic()
