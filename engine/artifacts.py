@@ -51,6 +51,8 @@ def fingerprint(spec: ModelSpec, size: Size, backend: str, stack_key: str) -> st
         "backend": backend,
         "stack": stack_key,
     }
+    if spec.batch_sizes != (1,):  # (kept out for the default, so artifacts compiled before stay valid)
+        identity["batch_sizes"] = list(spec.batch_sizes)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 

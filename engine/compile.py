@@ -15,7 +15,8 @@ import torch
 from . import artifacts
 from .backends.base import Backend
 from .errors import EngineError
-from .families import FAMILIES, TEXT_LENGTH, VAE_DECODER, VAE_ENCODER, ShapeConfigs, example_inputs, traceable
+from .families import (FAMILIES, TEXT_LENGTH, UNET, VAE_DECODER, VAE_ENCODER, Family, ShapeConfigs, example_inputs,
+                       is_unet, traceable, unet_component)
 from .registry import ModelSpec, Registry
 from .sources import ComponentLoader, ModelParts, load_parts
 from .types import Size
@@ -75,7 +76,7 @@ def compile_variant(registry: Registry, spec: ModelSpec, size: Size, backend: Ba
     partial = artifacts.PartialVariant(final)
     loader = ComponentLoader(spec)
     try:
-        for module_name, components in _load_order(family.components):
+        for module_name, components in _load_order(_components(family, spec)):
             module = loader.module(module_name)
             for component in components:
                 _compile_one(backend, family, component, module, size, shapes, spec.dtype, partial, log)
@@ -91,11 +92,19 @@ def compile_variant(registry: Registry, spec: ModelSpec, size: Size, backend: Ba
     return seconds
 
 
+def _components(family: Family, spec: ModelSpec) -> tuple[str, ...]:
+    """The family's components, with one UNet artifact per compiled batch size (``unet``, ``unet_b4``)."""
+    unets = tuple(unet_component(batch) for batch in spec.batch_sizes)
+    return tuple(c for name in family.components for c in (unets if name == UNET else (name,)))
+
+
 def _load_order(components: tuple[str, ...]) -> list[tuple[str, list[str]]]:
-    """Group components by the module whose weights they need (the VAE serves two)."""
+    """Group components by the module whose weights they need (the VAE serves two, the UNet one
+    artifact per batch size)."""
     groups: dict[str, list[str]] = {}
     for component in components:
-        groups.setdefault("vae" if component in (VAE_DECODER, VAE_ENCODER) else component, []).append(component)
+        module = "vae" if component in (VAE_DECODER, VAE_ENCODER) else UNET if is_unet(component) else component
+        groups.setdefault(module, []).append(component)
     return list(groups.items())
 
 
@@ -103,9 +112,10 @@ def _compile_one(backend, family, component, module, size, shapes, dtype, partia
     started = time.perf_counter()
     log(f"  {component:<15} compiling ...")
     inputs = example_inputs(family, component, size.width, size.height, shapes)
-    wrapped = traceable(family, component, module)
+    kind = UNET if is_unet(component) else component  # every UNet artifact is compiled as the UNet
+    wrapped = traceable(family, kind, module)
     with backend.tracing(family):
-        entry = backend.compile_component(family, component, wrapped, inputs, partial.component_dir(component), dtype)
+        entry = backend.compile_component(family, kind, wrapped, inputs, partial.component_dir(component), dtype)
     partial.record(component, entry)
     log(f"  {component:<15} done in {time.perf_counter() - started:.1f}s")
 
@@ -117,6 +127,7 @@ def _manifest(spec: ModelSpec, size: Size, backend: Backend, parts: ModelParts, 
         "size": str(size),
         "backend": backend.name,
         "dtype": spec.dtype,
+        "batch_sizes": list(spec.batch_sizes),
         "source": {"kind": spec.source.kind, "ref": spec.source.ref, "revision": spec.source.revision,
                    "config": spec.source.config},
         "fingerprint": expected_fingerprint(spec, size, backend),

@@ -38,6 +38,21 @@ def run_fixed_batch(runner: Runner, batch: int, inputs: Sequence[torch.Tensor], 
     return _join(outputs, rows)
 
 
+def run_best_batch(runners: Mapping[int, Runner], inputs: Sequence[torch.Tensor], dtype: torch.dtype) -> Any:
+    """Like ``run_fixed_batch`` with several compiled batch sizes (``rows -> runner``): full chunks of
+    the largest, then the remainder on the smallest batch that holds it (padded)."""
+    rows = inputs[0].shape[0]
+    largest = max(runners)
+    outputs: list[Any] = []
+    start = 0
+    while start < rows:
+        left = rows - start
+        batch = largest if left >= largest else min(b for b in runners if b >= left)
+        outputs.append(run_fixed_batch(runners[batch], batch, [x[start:start + batch] for x in inputs], dtype))
+        start += batch
+    return _join(outputs, rows) if len(outputs) > 1 else outputs[0]
+
+
 def _pad_rows(x: torch.Tensor, batch: int) -> torch.Tensor:
     missing = batch - x.shape[0]
     return x if missing == 0 else torch.cat([x, x[-1:].expand(missing, *x.shape[1:])])
@@ -98,9 +113,13 @@ class CompiledTextEncoder(_StandIn):
 
 
 class CompiledUNet(_StandIn):
-    def __init__(self, runner: Runner, config: Mapping[str, Any], batch: int, input_dtype: torch.dtype,
+    """The UNet from one compiled graph per batch size (``runners``: rows per call -> graph); a call
+    with more rows runs on the fewest graph calls that hold them (see ``run_best_batch``)."""
+
+    def __init__(self, runners: Mapping[int, Runner], config: Mapping[str, Any], input_dtype: torch.dtype,
                  device: torch.device, added_conditions: bool):
-        super().__init__(runner, batch, input_dtype, device)
+        super().__init__(runners[min(runners)], min(runners), input_dtype, device)
+        object.__setattr__(self, "_runners", dict(runners))
         self.config = FrozenDict(config)
         self._added_conditions = added_conditions
         if added_conditions:
@@ -118,7 +137,7 @@ class CompiledUNet(_StandIn):
             if not added_cond_kwargs:
                 raise ValueError("the SDXL UNet needs added_cond_kwargs with text_embeds and time_ids")
             inputs += [added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]]
-        out = self._run(*inputs)
+        out = run_best_batch(self._runners, inputs, self._input_dtype)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
 

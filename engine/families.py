@@ -38,7 +38,21 @@ class Family:
         return (*self.text_encoders, UNET, VAE_DECODER, VAE_ENCODER)
 
     def batch_of(self, component: str) -> int:
-        return UNET_BATCH if component == UNET else SINGLE_BATCH
+        return UNET_BATCH * unet_batch_of(component) if is_unet(component) else SINGLE_BATCH
+
+
+def unet_component(batch: int) -> str:
+    """The artifact name of the UNet compiled for ``batch`` requests: ``unet``, ``unet_b4``, …"""
+    return UNET if batch == 1 else f"{UNET}_b{batch}"
+
+
+def is_unet(component: str) -> bool:
+    return component == UNET or component.startswith(f"{UNET}_b")
+
+
+def unet_batch_of(component: str) -> int:
+    """Requests per call of a UNet artifact (``unet_b4`` → 4, ``unet`` → 1)."""
+    return int(component[len(UNET) + 2:]) if component != UNET else 1
 
 
 FAMILIES: dict[str, Family] = {
@@ -143,7 +157,7 @@ def traceable(family: Family, component: str, module: nn.Module) -> nn.Module:
     if component in (TEXT_ENCODER, TEXT_ENCODER_2):
         wrapper = TextEncoderWithHiddenForTrace if family.name == "sdxl" else TextEncoderForTrace
         return wrapper(module).eval()
-    if component == UNET:
+    if is_unet(component):
         return (SDXLUNetForTrace if family.has_added_conditions else UNetForTrace)(module).eval()
     if component == VAE_DECODER:
         return VAEDecoderForTrace(module).eval()
@@ -174,7 +188,7 @@ def example_inputs(
     generator = torch.Generator("cpu").manual_seed(0)
     if component in (TEXT_ENCODER, TEXT_ENCODER_2):
         return (torch.tensor([list(configs.token_ids)] * batch, dtype=torch.int64),)
-    if component == UNET:
+    if is_unet(component):
         unet = configs.unet
         inputs: tuple[torch.Tensor, ...] = (
             torch.randn(batch, unet["in_channels"], *latent_hw, generator=generator),

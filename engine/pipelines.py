@@ -19,7 +19,7 @@ import torch
 from . import artifacts
 from .backends.base import Backend
 from .compiled_modules import CompiledTextEncoder, CompiledUNet, CompiledVAE
-from .families import FAMILIES, UNET, VAE_DECODER, VAE_ENCODER, Family
+from .families import FAMILIES, UNET, VAE_DECODER, VAE_ENCODER, Family, is_unet
 from .registry import ModelSpec, Registry
 from .samplers import make_scheduler
 from .sources import TORCH_DTYPES, ComponentLoader, load_parts, pipeline_class_for
@@ -92,8 +92,9 @@ def _load_compiled(registry: Registry, spec: ModelSpec, size: Size, backend: Bac
     entries = manifest["components"]
 
     def runner(component: str) -> Any:
-        ids = device_ids if component == UNET else device_ids[:1]
-        return backend.load_component(component, directory / entries[component]["file"], entries[component], ids)
+        ids = device_ids if is_unet(component) else device_ids[:1]
+        kind = UNET if is_unet(component) else component  # every batch size's UNet loads as the UNet
+        return backend.load_component(kind, directory / entries[component]["file"], entries[component], ids)
 
     def dtype_of(component: str) -> torch.dtype:
         return getattr(torch, entries[component]["input_dtype"])
@@ -104,8 +105,8 @@ def _load_compiled(registry: Registry, spec: ModelSpec, size: Size, backend: Bac
         components[name] = CompiledTextEncoder(
             runner(name), parts.text_encoder_configs[name], entries[name]["batch"], dtype_of(name), device,
             returns_hidden=family.name == "sdxl")
-    components[UNET] = CompiledUNet(runner(UNET), parts.unet_config, entries[UNET]["batch"], dtype_of(UNET),
-                                    device, family.has_added_conditions)
+    unets = {entries[name]["batch"]: runner(name) for name in entries if is_unet(name)}
+    components[UNET] = CompiledUNet(unets, parts.unet_config, dtype_of(UNET), device, family.has_added_conditions)
     components["vae"] = CompiledVAE(runner(VAE_DECODER), runner(VAE_ENCODER), parts.vae_config,
                                     entries[VAE_DECODER]["batch"], dtype_of(VAE_DECODER), device)
     components.update(parts.tokenizers)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 from .errors import BackendUnavailable, EngineError
+from .families import is_unet
 
 GIB = 1024**3
 # Inferentia2 and Trainium1 devices each carry two NeuronCore-v2.
@@ -46,7 +47,6 @@ HBM_PER_CORE = 16 * GIB
 # as the aws-neuron-samples run it on one pair.
 DEVICE_OVERHEAD = 1.05
 PAIR_SIZE = 2
-UNET = "unet"
 
 INSTANCES_BY_CORES = {
     2: "inf2.xlarge or inf2.8xlarge",
@@ -234,8 +234,8 @@ class Footprint:
 def footprint_from_manifest(manifest: Mapping[str, Any], overhead: float = DEVICE_OVERHEAD) -> Footprint:
     """The footprint of a compiled variant from its manifest's component sizes (0 if unknown)."""
     components = manifest.get("components") or {}
-    unet = sum(int(e.get("bytes", 0)) for name, e in components.items() if name == UNET)
-    other = sum(int(e.get("bytes", 0)) for name, e in components.items() if name != UNET)
+    unet = sum(int(e.get("bytes", 0)) for name, e in components.items() if is_unet(name))
+    other = sum(int(e.get("bytes", 0)) for name, e in components.items() if not is_unet(name))
     return Footprint(int(unet * overhead), int(other * overhead))
 
 

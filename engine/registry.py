@@ -68,10 +68,16 @@ class ModelSpec:
     dtype: str
     resolutions: tuple[Size, ...]
     defaults: Defaults
+    # Requests per compiled UNet call (each a CFG pair): 1 always, more to batch concurrent requests.
+    batch_sizes: tuple[int, ...] = (1,)
 
     @property
     def default_size(self) -> Size:
         return self.resolutions[0]
+
+    @property
+    def max_batch(self) -> int:
+        return self.batch_sizes[-1]
 
 
 @dataclass(frozen=True)
@@ -167,6 +173,7 @@ def _parse_model(check: _Checker, raw: Any, index: int) -> ModelSpec:
         dtype=dtype,
         resolutions=_parse_resolutions(check, model_id, raw.get("resolutions")),
         defaults=_parse_defaults(check, model_id, raw.get("defaults", {})),
+        batch_sizes=_parse_batch_sizes(check, model_id, raw.get("batch_sizes", [1])),
     )
 
 
@@ -215,6 +222,20 @@ def _parse_resolutions(check: _Checker, model_id: str, raw: Any) -> tuple[Size, 
             raise check.fail(model_id, field, "each resolution once", item)
         sizes.append(size)
     return tuple(sizes)
+
+
+MAX_COMPILED_BATCH = 16
+
+
+def _parse_batch_sizes(check: _Checker, model_id: str, raw: Any) -> tuple[int, ...]:
+    """Sorted, unique, 1 always included (a lone request must never wait for company)."""
+    expected = f"a list of whole numbers from 1 to {MAX_COMPILED_BATCH} such as [1, 4]"
+    if not isinstance(raw, list) or not raw:
+        raise check.fail(model_id, "batch_sizes", expected, raw)
+    for index, item in enumerate(raw):
+        if not isinstance(item, int) or isinstance(item, bool) or not 1 <= item <= MAX_COMPILED_BATCH:
+            raise check.fail(model_id, f"batch_sizes[{index}]", expected, item)
+    return tuple(sorted({1, *raw}))
 
 
 def _parse_defaults(check: _Checker, model_id: str, raw: Any) -> Defaults:

@@ -112,14 +112,16 @@ def make_sdxl(out: Path) -> Path:
 def write_registry(out: Path, extra_models: list[dict] | None = None) -> Path:
     models = [
         {"id": "tiny-sd15", "title": "Tiny SD 1.5", "family": "sd15", "source": {"local": "tiny-sd15"},
-         "resolutions": ["64x64", "64x96"], "defaults": {"sampler": "Euler a", "steps": 4, "cfg_scale": 7}},
+         "resolutions": ["64x64", "64x96"], "defaults": {"sampler": "Euler a", "steps": 4, "cfg_scale": 7},
+         "batch_sizes": [1, 4]},
         {"id": "tiny-sd21", "title": "Tiny SD 2.1", "family": "sd21", "source": {"local": "tiny-sd21"},
          "resolutions": ["64x64"], "defaults": {"sampler": "DPM++ 2M", "steps": 4, "cfg_scale": 7}},
         {"id": "tiny-sd15-file", "title": "Tiny SD 1.5 (single file)", "family": "sd15",
          "source": {"single_file": "tiny-sd15.safetensors", "config": "tiny-sd15"},
          "resolutions": ["64x64"], "defaults": {"sampler": "Euler a", "steps": 4, "cfg_scale": 7}},
         {"id": "tiny-sdxl", "title": "Tiny SDXL", "family": "sdxl", "source": {"local": "tiny-sdxl"},
-         "resolutions": ["64x64"], "defaults": {"sampler": "Euler", "steps": 4, "cfg_scale": 5}},
+         "resolutions": ["64x64"], "defaults": {"sampler": "Euler", "steps": 4, "cfg_scale": 5},
+         "batch_sizes": [3]},
         *(extra_models or []),
     ]
     path = out / "model_registry.yaml"

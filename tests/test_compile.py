@@ -42,10 +42,15 @@ def _run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
 def test_layout_and_manifest(compiled_registry):
     directory = artifacts.variant_dir(compiled_registry.artifacts_dir, "tiny-sdxl", Size(64, 64), "cpu")
     manifest = json.loads((directory / "manifest.json").read_text())
-    assert set(manifest["components"]) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"}
+    assert set(manifest["components"]) == {"text_encoder", "text_encoder_2", "unet", "unet_b3", "vae_decoder",
+                                           "vae_encoder"}
     unet = manifest["components"]["unet"]
     assert unet["file"] == "unet/model.pt" and (directory / unet["file"]).stat().st_size == unet["bytes"]
     assert [i["shape"] for i in unet["inputs"]] == [[2, 4, 8, 8], [2], [2, 77, 64], [2, 32], [2, 6]]
+    # batch_sizes: [3] in the registry: one more UNet for 3 requests (6 rows with CFG); 1 is always there.
+    unet_b3 = manifest["components"]["unet_b3"]
+    assert manifest["batch_sizes"] == [1, 3] and unet_b3["file"] == "unet_b3/model.pt" and unet_b3["batch"] == 6
+    assert [i["shape"] for i in unet_b3["inputs"]] == [[6, 4, 8, 8], [6], [6, 77, 64], [6, 32], [6, 6]]
     assert len(unet["sha256"]) == 64 and unet["compile_seconds"] > 0
     assert manifest["versions"]["torch"] and manifest["versions"]["diffusers"]
     assert manifest["source"]["kind"] == "local" and manifest["dtype"] == "fp32" and manifest["size"] == "64x64"

@@ -121,7 +121,7 @@ def test_uncompiled_resolution_lists_compiled_sizes_and_command(cpu_engine):
     ({"steps": 151}, InvalidRequest),
     ({"cfg_scale": 31}, InvalidRequest),
     ({"num_images": 0}, InvalidRequest),
-    ({"prompt": "   "}, InvalidRequest),
+    ({"init_image": Image.new("RGB", (64, 64)), "strength": 0.1, "steps": 4}, InvalidRequest),  # no step to run
     ({"init_image": Image.new("RGB", (64, 64)), "strength": 1.5}, InvalidRequest),
 ])
 def test_bad_requests_raise_clear_errors_and_engine_keeps_serving(cpu_engine, request_kwargs, error):
