@@ -90,7 +90,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if settings.autocompile:
             ensure_default_compiled(registry, backend)
         engine = Engine(registry, backend, EngineSettings(max_warm=settings.max_warm,
-                                                             workers=settings.concurrency))
+                                                             workers=settings.concurrency,
+                                                             batch_wait_s=settings.batch_wait_ms / 1000))
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

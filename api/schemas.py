@@ -166,6 +166,7 @@ class ProgressState(BaseModel):
     sampling_step: int = 0
     sampling_steps: int = 0
     queue_position: int = Field(0, description="The caller's job: 0 running (or none), n waiting behind n-1 others.")
+    batch_requests: int = Field(0, description="Requests sharing the reported job's device call (1: alone).")
 
 
 class ProgressResponse(BaseModel):

@@ -159,9 +159,10 @@ def _progress(ctx: ApiContext, owner: Optional[str]) -> ProgressResponse:
     fraction, eta = 0.0, 0.0
     if job.progress is not None:
         p = job.progress
-        state.sampling_step, state.sampling_steps = p.step, p.total_steps
+        state.sampling_step, state.sampling_steps, state.batch_requests = p.step, p.total_steps, p.batch
         fraction = p.fraction
         elapsed = time.time() - (job.started or time.time())
         eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
     return ProgressResponse(progress=round(fraction, 4), eta_relative=round(eta, 3), state=state,
-                            textinfo=f"{job.state}: {job.id}")
+                            textinfo=f"{job.state}: {job.id}" + (f" (batch of {state.batch_requests})"
+                                                                 if state.batch_requests > 1 else ""))

@@ -118,6 +118,7 @@ class Generation:
             "clip_skip": 1, "is_using_inpainting_conditioning": False,
             "backend": self.backend,
             "interrupted": self.interrupted,
+            "batch_requests": max((r.batch_requests for r in self.results), default=1),
             "version": "sdserve",
         }
 

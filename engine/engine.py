@@ -8,21 +8,20 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-import torch
-
 from . import artifacts
 from .backends.base import Backend
+from .batching import BatchRun, Row, generators, per_row
 from .compile import expected_fingerprint
-from .errors import Cancelled, InvalidRequest, UnsupportedResolution
+from .errors import InvalidRequest, UnsupportedResolution
 from .images import fit_image
-from .infotext import format_infotext, png_with_parameters
+from .infotext import format_infotext
 from .pipelines import WarmPipeline, load_compiled, load_eager, warm_up
 from .placement import CorePlan, Footprint, PlacedBackend, footprint_from_manifest
 from .pool import WarmPool
 from .registry import ModelSpec, Registry, load_registry
 from .samplers import check_sampler
-from .scheduler import CancelFlag, Job, QueueSnapshot, Scheduler
-from .types import GeneratedImage, GenerateRequest, GenerateResult, Progress, Size, VariantKey
+from .scheduler import Batching, CancelFlag, Job, QueueSnapshot, Scheduler
+from .types import GenerateRequest, GenerateResult, Progress, Size, VariantKey
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +41,8 @@ class EngineSettings:
 
     max_warm: int = 2
     workers: int = 1
+    batch_wait_s: float = 0.0  # how long a free worker waits for compatible requests to batch
+    eager_max_batch: int = 4  # images per call on the any-shape eager backend
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class ModelInfo:
     resolutions: tuple[Size, ...]
     compiled: dict[Size, str]  # size -> "compiled" | "missing" | "stale" ("n/a" on eager)
     warm: tuple[Size, ...]
+    batch_sizes: tuple[int, ...] = (1,)  # compiled batch sizes (requests per device call)
+    max_batch: int = 1  # images one device call makes on this backend
 
     def compiled_sizes(self) -> list[Size]:
         return [s for s, state in self.compiled.items() if state in ("compiled", "n/a")]
@@ -88,10 +91,6 @@ class _Load:
     key: VariantKey
 
 
-class _Skipped(Exception):
-    """The current image of a job was skipped (A1111's Skip): drop it and go on with the next."""
-
-
 class Engine:
     """Turns ``GenerateRequest``s into images with warm pipelines on one backend.
 
@@ -114,7 +113,9 @@ class Engine:
             self.pool = WarmPool(self._load_variant, settings.max_warm, on_evict=_release_device_memory,
                                  core_plan=self.core_plan)
         self._default_model = registry.default_model
-        self.scheduler: Scheduler[Any] = Scheduler(self._execute, workers=settings.workers)
+        batching = Batching(key=self._batch_key, rows=lambda work: work.request.num_images,
+                            limit=self._batch_limit, wait_s=settings.batch_wait_s)
+        self.scheduler: Scheduler[Any] = Scheduler(self._execute, workers=settings.workers, batching=batching)
 
     @property
     def default_model(self) -> str:
@@ -161,7 +162,7 @@ class Engine:
             compiled = {size: "n/a" for size in spec.resolutions}
             warm_sizes = spec.resolutions if VariantKey(spec.id, None) in warm else ()
         return ModelInfo(spec.id, spec.title, spec.family, spec.source.describe(), spec.dtype, spec.defaults,
-                         spec.resolutions, compiled, warm_sizes)
+                         spec.resolutions, compiled, warm_sizes, spec.batch_sizes, self._rows_per_call(spec))
 
     def _variant_state(self, spec: ModelSpec, size: Size) -> str:
         directory = artifacts.variant_dir(self.registry.artifacts_dir, spec.id, size, self.backend.name)
@@ -272,29 +273,70 @@ class Engine:
         """Skip the image ``owner``'s running jobs are making; returns how many."""
         return self.scheduler.skip(owner)
 
-    def _execute(self, job: Job[Any]) -> Any:
-        """Run one queued job (on a device worker thread): a load or a generation."""
-        if isinstance(job.payload, _Load):
-            return self.pool.ensure(job.payload.key)
-        work: _Work = job.payload
-        request, resolved = work.request, work.resolved
-        spec, size = resolved.spec, resolved.size
+    def _execute(self, jobs: list[Job[Any]]) -> list[Any]:
+        """Run a batch from the queue (on a device worker thread): a load, or generation jobs that
+        share model, size, mode, sampler, steps, CFG and strength (``_batch_key``)."""
+        if isinstance(jobs[0].payload, _Load):
+            return [self.pool.ensure(jobs[0].payload.key)]
+        resolved: _Resolved = jobs[0].payload.resolved
+        key = self._key(resolved.spec, resolved.size)
         started = time.perf_counter()
-        was_warm = self.pool.is_warm(self._key(spec, size))
-        with self.pool.lease(self._key(spec, size)) as warm:
+        was_warm = self.pool.is_warm(key)
+        with self.pool.lease(key) as warm:
             leased = time.perf_counter()
-            init_image = fit_image(request.init_image, size, request.resize_mode) if request.init_image is not None else None
+            run = BatchRun(jobs, warm, self._rows_per_call(resolved.spec), self._describe, self._call_kwargs)
+            if len(jobs) > 1:
+                log.info("running %d requests in one batch (%d images) on %s", len(jobs), len(run.rows), key)
             with warm.lock:
-                images, clock = self._run_images(warm, request, resolved, init_image, job, work.on_progress)
+                run.run()
         timings = {
             "load_s": 0.0 if was_warm else leased - started,
             "total_s": time.perf_counter() - started,
-            "denoise_s": clock.denoise_s,
-            "decode_s": clock.decode_s,
-            "steps_run": float(clock.steps),
+            "denoise_s": run.clock.denoise_s,
+            "decode_s": run.clock.decode_s,
+            "steps_run": float(run.clock.steps),
         }
-        return GenerateResult(request, spec.id, size, resolved.sampler, resolved.steps, resolved.cfg_scale,
-                              resolved.seed, tuple(images), timings)
+        return [run.outcome(job, timings) for job in jobs]
+
+    def _rows_per_call(self, spec: ModelSpec) -> int:
+        """Images per pipeline call: the largest compiled batch (any number on eager, up to a setting)."""
+        return spec.max_batch if self.backend.fixed_shape else self.settings.eager_max_batch
+
+    def _batch_key(self, payload: Any) -> Optional[tuple[Any, ...]]:
+        """What queued jobs must share to run in one call (None: a load, always alone)."""
+        if not isinstance(payload, _Work):
+            return None
+        r, request = payload.resolved, payload.request
+        strength = request.strength if request.init_image is not None else None
+        return (r.spec.id, r.size, request.mode, r.sampler, r.steps, r.cfg_scale, strength)
+
+    def _batch_limit(self, payload: Any) -> int:
+        return self._rows_per_call(payload.resolved.spec) if isinstance(payload, _Work) else 1
+
+    def _describe(self, work: "_Work", seed: int) -> str:
+        return _infotext(work.request, work.resolved, seed, self.backend.name)
+
+    def _call_kwargs(self, rows: list[Row]) -> dict[str, Any]:
+        """Pipeline arguments for ``rows`` of one batch: per-row prompts, generators, init images."""
+        works = [row.job.payload for row in rows]
+        first: _Work = works[0]
+        resolved = first.resolved
+        negatives = [w.request.negative_prompt or "" for w in works]
+        kwargs: dict[str, Any] = {
+            "prompt": per_row([w.request.prompt for w in works]),
+            "negative_prompt": per_row(negatives) if any(negatives) else None,
+            "num_inference_steps": resolved.steps,
+            "guidance_scale": resolved.cfg_scale,
+            # row i of a request is what plain diffusers makes with Generator("cpu").manual_seed(seed + i)
+            "generator": generators(rows),
+            "output_type": "pil",
+        }
+        if first.request.init_image is not None:
+            images = [fit_image(w.request.init_image, resolved.size, w.request.resize_mode) for w in works]
+            kwargs.update(image=per_row(images), strength=first.request.strength)
+        else:
+            kwargs.update(width=resolved.size.width, height=resolved.size.height)
+        return kwargs
 
     def _resolve(self, request: GenerateRequest) -> _Resolved:
         spec = self.registry.get(request.model or self.default_model)
@@ -330,53 +372,11 @@ class Engine:
                 f"`{artifacts.compile_command(spec.id, size, self.backend.name, self.registry.path)}`")
         return size
 
-    def _run_images(self, warm: WarmPipeline, request: GenerateRequest, resolved: _Resolved, init_image: Any,
-                    job: Job[GenerateResult], on_progress: Optional[ProgressCallback],
-                    ) -> tuple[list[GeneratedImage], "_Clock"]:
-        clock = _Clock()
-        images = []
-        for index in range(request.num_images):
-            seed = resolved.seed + index
-            pipe = warm.view(request.mode, resolved.sampler)
-            callback = _StepCallback(clock, index, request.num_images, job, on_progress)
-            kwargs = _call_kwargs(request, resolved, init_image, seed, pipe.device)
-            clock.start()
-            try:
-                output = pipe(**kwargs, callback_on_step_end=callback)
-            except _Skipped:
-                continue
-            except Cancelled as exc:
-                raise Cancelled(str(exc), images=tuple(images)) from None
-            finally:
-                clock.finish()
-            image = output.images[0]
-            infotext = _infotext(request, resolved, seed, self.backend.name)
-            images.append(GeneratedImage(image, seed, infotext, png_with_parameters(image, infotext)))
-        return images, clock
-
-
 def _release_device_memory(warm: WarmPipeline) -> None:
     """Evicted from NeuronCores: drop the compiled modules now so the runtime unloads their NEFFs
     before the next model is loaded into the freed memory."""
     warm.components.clear()
     gc.collect()
-
-
-def _call_kwargs(request: GenerateRequest, resolved: _Resolved, init_image: Any, seed: int, device: Any) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
-        "prompt": request.prompt,
-        "negative_prompt": request.negative_prompt or None,
-        "num_inference_steps": resolved.steps,
-        "guidance_scale": resolved.cfg_scale,
-        # image i of a request is what plain diffusers makes with this generator
-        "generator": torch.Generator("cpu").manual_seed(seed),
-        "output_type": "pil",
-    }
-    if init_image is not None:
-        kwargs.update(image=init_image, strength=request.strength)
-    else:
-        kwargs.update(width=resolved.size.width, height=resolved.size.height)
-    return kwargs
 
 
 def _infotext(request: GenerateRequest, resolved: _Resolved, seed: int, backend: str) -> str:
@@ -396,53 +396,6 @@ def _infotext(request: GenerateRequest, resolved: _Resolved, seed: int, backend:
 def _check_range(name: str, value: Any, low: float, high: float) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
         raise InvalidRequest(f"{name} must be between {low:g} and {high:g}, got {value!r}")
-
-
-class _Clock:
-    """Splits each image's time into denoising (up to the last step) and decoding."""
-
-    def __init__(self) -> None:
-        self.denoise_s = 0.0
-        self.decode_s = 0.0
-        self.steps = 0
-        self._start = 0.0
-        self._last_step = 0.0
-
-    def start(self) -> None:
-        self._start = self._last_step = time.perf_counter()
-
-    def step(self) -> None:
-        self._last_step = time.perf_counter()
-        self.steps += 1
-
-    def finish(self) -> None:
-        self.denoise_s += self._last_step - self._start
-        self.decode_s += time.perf_counter() - self._last_step
-
-
-class _StepCallback:
-    """``callback_on_step_end`` for one image of a job: reports progress to the job and the caller,
-    stops at a step boundary when the job is interrupted, abandons the image when it is skipped."""
-
-    def __init__(self, clock: _Clock, index: int, num_images: int, job: Job[GenerateResult],
-                 on_progress: Optional[ProgressCallback]):
-        self.clock, self.index, self.num_images = clock, index, num_images
-        self.job, self.on_progress = job, on_progress
-        self.started = time.perf_counter()
-
-    def __call__(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-        self.clock.step()
-        elapsed = time.perf_counter() - self.started
-        progress = Progress(step + 1, pipe.num_timesteps, self.index, self.num_images,
-                            elapsed, (step + 1) / elapsed if elapsed > 0 else 0.0)
-        self.job.report(progress)
-        if self.on_progress is not None:
-            self.on_progress(progress)
-        if self.job.interrupted:
-            raise Cancelled("interrupted")
-        if self.job.take_skip():
-            raise _Skipped()
-        return callback_kwargs
 
 
 __all__ = ["Engine", "EngineSettings", "ModelInfo"]

@@ -6,7 +6,12 @@ work therefore always runs on the same few threads, whatever thread the request 
 this 2-core machine torch work moved between threads ran ~3x slower: OpenMP keeps a thread team
 per calling thread and an idle team spins).
 
-The interface is deliberately small, so that batching and replicas can plug in behind it:
+With a ``Batching`` policy a worker that frees up takes the first waiting job *and* the waiting
+jobs that can share its device call (same ``key``), in queue order, up to the row ``limit`` of the
+first — optionally waiting ``wait_s`` for company when it would run short. Jobs never overtake a
+job they cannot run with except by joining an earlier compatible one.
+
+The interface is deliberately small, so that replicas can plug in behind it too:
 
 - ``submit(work, owner, ...) -> Job``: queue a job; ``Job.result()`` waits for it.
 - ``Job.position``: 0 while running, ``n`` while ``n - 1`` jobs are ahead of it.
@@ -22,7 +27,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Optional, Protocol, TypeVar
+from typing import Any, Callable, Generic, Hashable, Optional, Protocol, TypeVar
 
 from .errors import Cancelled, EngineError
 
@@ -113,6 +118,18 @@ class Job(Generic[T]):
 
 
 @dataclass(frozen=True)
+class Batching:
+    """Which queued payloads may run together: ``key`` (None: always alone), the ``rows`` each
+    needs and the most rows one call of the first job's kind takes (``limit``); ``wait_s``: how long
+    a worker waits for more compatible jobs when the batch is not full (0: take what is there)."""
+
+    key: Callable[[Any], Optional[Hashable]]
+    rows: Callable[[Any], int]
+    limit: Callable[[Any], int]
+    wait_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class QueueSnapshot:
     """Jobs running (oldest first) and waiting (in the order they will run)."""
 
@@ -124,17 +141,25 @@ class QueueSnapshot:
         return len(self.running) + len(self.waiting)
 
 
-class Scheduler(Generic[T]):
-    """One FIFO of jobs, served by ``workers`` long-lived threads that call ``execute(job)``.
+Outcome = Any  # a job's result, or the BaseException it ends with
 
-    ``execute`` runs on a worker thread and returns the job's result or raises; a job interrupted
-    while still queued is answered ``Cancelled`` without running. Exceptions never stop a worker.
+
+class Scheduler(Generic[T]):
+    """One FIFO of jobs, served by ``workers`` long-lived threads that call ``execute(batch)``.
+
+    ``execute`` runs on a worker thread with a list of jobs (one, unless ``batching`` groups more)
+    and returns one outcome per job: its result or the exception it ends with; if ``execute``
+    raises, every job of the batch ends with that. A job interrupted while still queued is answered
+    ``Cancelled`` without running; one whose future the work already settled (it left its batch
+    early) keeps that outcome. Exceptions never stop a worker.
     """
 
-    def __init__(self, execute: Callable[[Job[T]], T], workers: int = 1, name: str = "device"):
+    def __init__(self, execute: Callable[[list[Job[T]]], list[Outcome]], workers: int = 1, name: str = "device",
+                 batching: Optional[Batching] = None):
         if workers < 1:
             raise ValueError("a scheduler needs at least one worker")
         self._execute = execute
+        self._batching = batching
         self._condition = threading.Condition()
         self._waiting: deque[Job[T]] = deque()
         self._running: list[Job[T]] = []
@@ -201,34 +226,62 @@ class Scheduler(Generic[T]):
         for thread in self._threads:
             thread.join(timeout)
 
-    def _next(self) -> Optional[Job[T]]:
+    def _next(self) -> list[Job[T]]:
+        """The next batch to run (empty when closing); marks its jobs running."""
         with self._condition:
             while not self._waiting and not self._closed:
                 self._condition.wait()
             if self._closed:
-                return None
-            job = self._waiting.popleft()
-            job.started = time.time()
-            self._running.append(job)
-            return job
+                return []
+            batch = [self._waiting.popleft()]
+            if self._batching is not None:
+                self._gather(batch)
+            started = time.time()
+            for job in batch:
+                job.started = started
+                self._running.append(job)
+            return batch
+
+    def _gather(self, batch: list[Job[T]]) -> None:
+        """Move the waiting jobs that can run with ``batch[0]`` into ``batch`` (lock held)."""
+        policy = self._batching
+        assert policy is not None
+        key = policy.key(batch[0].payload)
+        if key is None:
+            return
+        limit, rows = policy.limit(batch[0].payload), policy.rows(batch[0].payload)
+        deadline = time.monotonic() + policy.wait_s
+        while True:
+            for job in list(self._waiting):
+                need = policy.rows(job.payload)
+                if rows + need <= limit and policy.key(job.payload) == key and not job.interrupted:
+                    self._waiting.remove(job)
+                    batch.append(job)
+                    rows += need
+            left = deadline - time.monotonic()
+            if rows >= limit or left <= 0 or self._closed:
+                return
+            self._condition.wait(left)
 
     def _work(self) -> None:
-        while (job := self._next()) is not None:
+        while batch := self._next():
             try:
-                if job.interrupted:
-                    raise Cancelled("interrupted before it started")
-                result = self._execute(job)
-            except BaseException as exc:  # the caller gets it; the worker keeps serving
-                outcome: tuple[Optional[T], Optional[BaseException]] = (None, exc)
-            else:
-                outcome = (result, None)
+                pending = [job for job in batch if not job.interrupted]
+                outcomes = dict(zip(pending, self._execute(pending))) if pending else {}
+            except BaseException as exc:  # the callers get it; the worker keeps serving
+                outcomes = {job: exc for job in batch}
             with self._condition:
-                self._running.remove(job)
-                job.finished = time.time()
-            if outcome[1] is not None:
-                job.future.set_exception(outcome[1])
-            else:
-                job.future.set_result(outcome[0])  # type: ignore[arg-type]
+                for job in batch:
+                    self._running.remove(job)
+                    job.finished = time.time()
+            for job in batch:
+                outcome = outcomes.get(job, Cancelled("interrupted before it started"))
+                if job.future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    job.future.set_exception(outcome)
+                else:
+                    job.future.set_result(outcome)
 
 
-__all__ = ["Scheduler", "Job", "QueueSnapshot", "CancelFlag"]
+__all__ = ["Scheduler", "Job", "QueueSnapshot", "CancelFlag", "Batching"]

@@ -82,10 +82,12 @@ class Progress:
     elapsed_s: float
     it_per_s: float
     preview: Optional["Image.Image"] = None
+    batch: int = 1  # requests sharing this device call (1: alone)
+    images_in_call: int = 1  # this request's images made together, from ``image_index`` on
 
     @property
     def fraction(self) -> float:
-        done = self.image_index * self.total_steps + self.step
+        done = self.image_index * self.total_steps + self.step * self.images_in_call
         return done / max(1, self.total_steps * self.num_images)
 
 
@@ -112,6 +114,11 @@ class GenerateResult:
     seed: int
     images: tuple[GeneratedImage, ...]
     timings: dict[str, float]
+
+    @property
+    def batch_requests(self) -> int:
+        """How many requests shared the device calls that made these images (1: ran alone)."""
+        return int(self.timings.get("batch_requests", 1))
 
     @property
     def it_per_s(self) -> float:

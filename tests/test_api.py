@@ -132,7 +132,8 @@ def test_img2img_with_several_init_images_cycles_them(api):
     assert json.loads(data["info"])["all_seeds"] == [1, 2, 3] and len(data["parameters"]["init_images"]) == 2
     for index, (source, seed) in enumerate([(red, 1), (blue, 2), (red, 3)]):  # image i starts from init i % 2
         alone = api.post("/sdapi/v1/img2img", json={**common, "init_images": [b64_png(source)], "seed": seed}).json()
-        assert np.array_equal(pixels(decode(data["images"][index])), pixels(decode(alone["images"][0])))
+        # The three ran as one batch on the batch-4 UNet, alone on the batch-1 UNet: within 1 level.
+        assert np.abs(pixels(decode(data["images"][index])) - pixels(decode(alone["images"][0]))).max() <= 1
 
 
 def test_send_images_false_and_save_images(api):
@@ -282,7 +283,9 @@ def test_refresh_checkpoints_rereads_the_registry_and_keeps_it_when_broken(compi
 # --- progress, interrupt, skip -------------------------------------------------------------------
 
 def _long_request(api, results, **extra):
-    body = {"prompt": "a long one", "steps": 150, "batch_size": 4, "seed": 3, **extra}
+    """tiny-sd21 is compiled for batch 1: the request's images are made one after the other."""
+    body = {"prompt": "a long one", "steps": 150, "batch_size": 4, "seed": 3,
+            "override_settings": {"sd_model_checkpoint": "tiny-sd21"}, **extra}
     results.append(api.post("/sdapi/v1/txt2img", json=body))
 
 

@@ -147,11 +147,20 @@ def test_cancel_stops_at_step_boundary_and_engine_keeps_serving(cpu_engine):
 
 
 def test_progress_reports_every_step(cpu_engine):
-    seen = []
-    cpu_engine.generate(GenerateRequest(prompt="x", steps=3, num_images=2, seed=1), on_progress=seen.append)
+    seen = []  # tiny-sd21 is compiled for batch 1 only: its images run one after the other
+    cpu_engine.generate(GenerateRequest(model="tiny-sd21", prompt="x", steps=3, num_images=2, seed=1),
+                        on_progress=seen.append)
     assert [(p.image_index, p.step, p.total_steps) for p in seen] == [(0, 1, 3), (0, 2, 3), (0, 3, 3),
                                                                       (1, 1, 3), (1, 2, 3), (1, 3, 3)]
-    assert seen[-1].fraction == 1.0
+    assert [p.fraction for p in seen] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0])
+
+
+def test_progress_of_images_made_in_one_call(cpu_engine):
+    seen = []  # tiny-sd15 is compiled for batches of 1 and 4: two images run as one call
+    cpu_engine.generate(GenerateRequest(model="tiny-sd15", prompt="x", steps=3, num_images=2, seed=1),
+                        on_progress=seen.append)
+    assert [(p.image_index, p.step, p.images_in_call) for p in seen] == [(0, 1, 2), (0, 2, 2), (0, 3, 2)]
+    assert [p.fraction for p in seen] == pytest.approx([1 / 3, 2 / 3, 1.0])
 
 
 def test_models_and_status_show_compiled_and_warm(cpu_engine):

@@ -19,16 +19,19 @@ class Gate:
         self.ran: list[str] = []
         self.threads: set[int] = set()
 
-    def __call__(self, job):
+    def __call__(self, jobs):
+        return [self.one(job) for job in jobs]
+
+    def one(self, job):
         self.threads.add(threading.get_ident())
         if job.payload == "block":
             assert self.release.wait(10)
         if job.payload == "fail":
-            raise RuntimeError("work failed")
+            return RuntimeError("work failed")
         if job.payload == "until-interrupted":
             while not job.interrupted:
                 time.sleep(0.01)
-            raise Cancelled("interrupted")
+            return Cancelled("interrupted")
         self.ran.append(job.payload)
         return job.payload.upper()
 

@@ -228,9 +228,10 @@ def wait_for(job: Job, reporter: ProgressReporter) -> GenerateResult:
 
 def run_job(ctx: AppContext, make_request: Callable[[], GenerateRequest], batch_count: Any,
             user: Optional[gr.Request], progress: Optional[gr.Progress], what: str) -> JobOutcome:
-    """Generate ``batch_count`` images one at a time, each a job in the engine's queue (so each is
-    saved as soon as it exists, an interrupt keeps the finished ones and other users' jobs take
-    turns with a long batch), translating engine errors into ``gr.Error``.
+    """Generate ``batch_count`` images, each a job in the engine's queue, translating engine errors
+    into ``gr.Error``. Jobs are submitted a model's largest batch at a time: they can run as one
+    device call, yet other users' jobs still take turns with a long batch count. Each image is saved
+    as soon as it exists; an interrupt keeps the finished ones.
 
     ``make_request`` builds the request inside the translation, so a malformed size or seed is
     reported like any other engine error.
@@ -242,19 +243,23 @@ def run_job(ctx: AppContext, make_request: Callable[[], GenerateRequest], batch_
     results: list[GenerateResult] = []
     started = time.perf_counter()
     count = 0
+    jobs: list[Job] = []
     try:
         with translate_errors(what):
             request = make_request()
             count = reporter.count = check_batch(batch_count)
             seed = pick_seed(request.seed)
+            info = ctx.model_info(request.model or ctx.engine.default_model)
+            chunk = info.max_batch if info is not None else 1
             for index in range(count):
                 if flag.is_set():
                     break
+                if index % chunk == 0:
+                    jobs += [ctx.engine.submit(replace(request, seed=seed + i, num_images=1), owner=owner, cancel=flag)
+                             for i in range(index, min(count, index + chunk))]
                 reporter.index = index
                 try:
-                    job = ctx.engine.submit(replace(request, seed=seed + index, num_images=1),
-                                            owner=owner, cancel=flag)
-                    result = wait_for(job, reporter)
+                    result = wait_for(jobs[index], reporter)
                 except Cancelled:
                     break
                 results.append(result)
@@ -262,6 +267,8 @@ def run_job(ctx: AppContext, make_request: Callable[[], GenerateRequest], batch_
                     outcome.paths.append(str(ctx.outputs.save(request.mode, image)))
                     outcome.infotexts.append(image.infotext)
     finally:
+        for job in jobs:  # a failure or an interrupt: the rest of the batch must not run
+            job.interrupt()
         ctx.interrupts.end(session, flag)
     outcome.stats = stats_line(results, count, flag.is_set(), time.perf_counter() - started)
     return outcome
@@ -281,6 +288,9 @@ def stats_line(results: list[GenerateResult], wanted: int, interrupted: bool, wa
              f"{first.model} {first.size}", first.sampler]
     if load >= 0.05:
         parts.append(f"load {load:.1f} s")
+    batched = max(r.batch_requests for r in results)
+    if batched > 1:
+        parts.append(f"batched with up to {batched - 1} other request{'s' if batched > 2 else ''}")
     line = " · ".join(parts)
     if interrupted:
         line = f"**Interrupted** after {len(results)} of {wanted} images · " + line

@@ -18,7 +18,8 @@ flag                       environment         default
 ``--max-warm N``           ``SD_MAX_WARM``     2
 ``--outputs DIR``          ``SD_OUTPUTS``      ``outputs/``
 ``--threads N``            ``SD_THREADS``      every core but one (at least 1)
-``--concurrency N``        ``SD_CONCURRENCY``  1 (generations at once on the device)
+``--concurrency N``        ``SD_CONCURRENCY``  1 (device workers: generations at once)
+``--batch-wait-ms MS``     ``SD_BATCH_WAIT_MS``  5 (a free worker waits this long for requests to batch)
 ``--no-autocompile``       ``SD_AUTOCOMPILE=0``  compile the default model when missing
 ``--api/--no-api``         ``SD_API=0``        on: /sdapi/v1, /ping, /invocations, /docs
 ``--allow-image-urls``     ``SD_ALLOW_IMAGE_URLS=1``  off: image fields take base64 only
@@ -69,6 +70,7 @@ class AppSettings:
     outputs: Path = Path("outputs")
     threads: Optional[int] = None
     concurrency: int = 1
+    batch_wait_ms: int = 5
     autocompile: bool = True
     api: bool = True
     allow_image_urls: bool = False
@@ -122,6 +124,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--threads", default=env("SD_THREADS"), help="torch intra-op threads (default: every core but one) [SD_THREADS]")
     p.add_argument("--concurrency", default=env("SD_CONCURRENCY", "1"),
                    help="generations running at once on the device; others wait in the queue [SD_CONCURRENCY]")
+    p.add_argument("--batch-wait-ms", default=env("SD_BATCH_WAIT_MS", "5"),
+                   help="how long a free device worker waits for more compatible requests to run as one batch "
+                        "(models with batch_sizes in the registry); 0: batch only what is already waiting "
+                        "[SD_BATCH_WAIT_MS]")
     p.add_argument("--no-autocompile", dest="autocompile", action="store_false",
                    default=_truthy(env("SD_AUTOCOMPILE", "1")),
                    help="do not compile the default model's missing artifacts at start "
@@ -200,6 +206,7 @@ def parse_settings(argv: Optional[Sequence[str]], environ: Mapping[str, str]) ->
         outputs=Path(args.outputs),
         threads=threads,
         concurrency=_positive_int("--concurrency", args.concurrency),
+        batch_wait_ms=_positive_int("--batch-wait-ms", args.batch_wait_ms, minimum=0),
         # An endpoint must not compile at start (it takes longer than SageMaker's health check
         # allows): with --sagemaker only an explicit SD_AUTOCOMPILE=1 turns it on.
         autocompile=args.autocompile and (not args.sagemaker or _truthy(environ.get("SD_AUTOCOMPILE", "0"))),
