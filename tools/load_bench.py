@@ -6,8 +6,8 @@
 For each way in (``api``: POST /sdapi/v1/txt2img; ``ui``: the UI's /txt2img event through
 gradio_client, i.e. Gradio's queue) and each client count, the same ``--requests`` txt2img requests
 (seeds ``seed .. seed+N-1``) are shared among that many client threads. Reported per row: wall time,
-images/s (= requests / wall), p50/p95 latency, and whether every image equals the one made for the
-same seed by the first row (concurrency must not change pixels).
+images/s (= requests / wall), p50/p95 latency, and the largest pixel difference from the image the
+first row made for the same seed (0 unless requests ran batched: then at most 1 level).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class Row:
     images_per_s: float
     p50_s: float
     p95_s: float
-    same_pixels: Optional[bool]
+    max_pixel_diff: Optional[int]  # vs the first row's image for the same seed (batched rows: within 1)
 
 
 def api_caller(url: str, body: dict) -> Callable[[int], np.ndarray]:
@@ -119,7 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             wall, latencies, images = run(call, seeds, clients)
             same = None
             if reference:
-                same = all(np.array_equal(images[s], reference[s]) for s in seeds)
+                same = max(int(np.abs(images[s].astype(int) - reference[s]).max()) for s in seeds)
             else:
                 reference = images
             ordered = sorted(latencies)
@@ -127,12 +127,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             round(statistics.median(ordered), 3), round(ordered[int(0.95 * (len(ordered) - 1))], 3),
                             same))
             print(f"{via:>3} x{clients}: {rows[-1].images_per_s:.2f} images/s, p50 {rows[-1].p50_s:.2f} s, "
-                  f"p95 {rows[-1].p95_s:.2f} s, same pixels: {same}", flush=True)
-    print("\n| via | clients | requests | wall s | images/s | p50 s | p95 s | same pixels as first row |")
+                  f"p95 {rows[-1].p95_s:.2f} s, max pixel difference: {same}", flush=True)
+    print("\n| via | clients | requests | wall s | images/s | p50 s | p95 s | max pixel diff vs first row |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row.via} | {row.clients} | {row.requests} | {row.wall_s} | {row.images_per_s} | {row.p50_s} | "
-              f"{row.p95_s} | {'—' if row.same_pixels is None else row.same_pixels} |")
+              f"{row.p95_s} | {'—' if row.max_pixel_diff is None else row.max_pixel_diff} |")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump([asdict(row) for row in rows], handle, indent=2)

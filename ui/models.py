@@ -13,7 +13,7 @@ from engine.artifacts import compile_command
 from .common import DEVICE_QUEUE, AppContext, parse_size, translate_errors
 
 TAB = "models"
-COLUMNS = ["Model", "Title", "Family", "Resolution", "Compiled", "Warm", "To compile"]
+COLUMNS = ["Model", "Title", "Family", "Resolution", "Batch sizes", "Compiled", "Warm", "To compile"]
 _STATE_LABEL = {"compiled": "✅ compiled", "missing": "❌ missing", "stale": "⚠️ stale", "n/a": "— (eager)"}
 
 
@@ -29,7 +29,9 @@ def model_rows(ctx: AppContext, models: list[ModelInfo]) -> list[list[str]]:
             if state in ("missing", "stale"):
                 command = compile_command(info.id, size, backend, registry) + (" --force" if state == "stale" else "")
             warm = "🔥 warm" if size in info.warm else ""
-            rows.append([info.id, info.title, info.family, str(size), _STATE_LABEL.get(state, state), warm, command])
+            batches = ", ".join(str(b) for b in info.batch_sizes)
+            rows.append([info.id, info.title, info.family, str(size), batches, _STATE_LABEL.get(state, state), warm,
+                         command])
     return rows
 
 
@@ -73,7 +75,7 @@ def build(ctx: AppContext) -> None:
     with gr.Tab("Models", id=TAB, elem_id=f"tab_{TAB}") as tab:
         status = gr.Markdown(status_markdown(ctx), elem_id="models_status")
         table = gr.Dataframe(model_rows(ctx, models), headers=COLUMNS, interactive=False, wrap=True,
-                             elem_id="models_table", column_widths=["12%", "14%", "7%", "9%", "11%", "8%", "39%"])
+                             elem_id="models_table", column_widths=["12%", "14%", "7%", "9%", "7%", "10%", "7%", "34%"])
         with gr.Row(equal_height=True, elem_id="models_actions"):
             model = gr.Dropdown(ids, value=first.id if first else None, label="Model", elem_id="models_model",
                                 scale=3)
