@@ -40,11 +40,15 @@ SIZE = Size(64, 64)
 HAS_NEURON_DEVICE = bool(glob.glob("/dev/neuron[0-9]*"))
 
 
-def write_registry(tiny_dir: Path, directory: Path, models: list[str], dtype: str = "fp32") -> Path:
-    """A registry over the tiny models (64x64 only) with its own artifacts directory."""
+def write_registry(tiny_dir: Path, directory: Path, models: list[str], dtype: str = "fp32",
+                   batch_sizes: bool = False) -> Path:
+    """A registry over the tiny models (64x64 only) with its own artifacts directory (and, unless
+    ``batch_sizes``, one UNet each: the placement tests count their bytes)."""
     data = yaml.safe_load((tiny_dir / "model_registry.yaml").read_text())
     entries = [dict(m, source={"local": str(tiny_dir / m["source"]["local"])}, resolutions=[str(SIZE)], dtype=dtype)
                for m in data["models"] if m["id"] in models]
+    for entry in entries if not batch_sizes else ():
+        entry.pop("batch_sizes", None)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "registry.yaml"
     path.write_text(yaml.safe_dump({"artifacts_dir": str(directory / "artifacts"), "default_model": models[0],
@@ -151,6 +155,29 @@ def test_recorded_unet_is_traced_per_core_and_the_manifest_records_the_layout(re
         assert trace_of(recorded, model, component).input_shapes[0][0] == 1
     assert manifest["versions"]["neuronx-cc"] == neuron_recorder.RECORDED_NEURONX_CC_VERSION
     assert manifest["versions"]["torch-neuronx"] == neuron_recorder.RECORDED_TORCH_NEURONX_VERSION
+
+
+def test_recorded_one_unet_is_traced_per_compiled_batch_size(tiny_dir, tmp_path, monkeypatch):
+    """batch_sizes in the registry (tiny-sd15: [1, 4], tiny-sdxl: [3]): each is its own traced UNet
+    (CFG doubles the rows), split over the core pair like the batch-1 UNet, with the UNet's compiler
+    arguments, and recorded in the manifest."""
+    recorder = neuron_recorder.install(monkeypatch)
+    registry = load_registry(write_registry(tiny_dir, tmp_path, ["tiny-sd15", "tiny-sdxl"], batch_sizes=True))
+    backend = NeuronBackend(inventory=CoreInventory((0, 1)))
+    assert [o.state for o in compile_all(registry, backend, log=lambda line: None)] == ["compiled"] * 2
+    record = SimpleNamespace(registry=registry, traces=recorder.traces)
+    for model, batches in (("tiny-sd15", [1, 4]), ("tiny-sdxl", [1, 3])):
+        manifest = manifest_of(record, model)
+        assert manifest["batch_sizes"] == batches
+        base = trace_of(record, model, "unet")
+        for batch in batches[1:]:
+            name = f"unet_b{batch}"
+            trace, entry = trace_of(record, model, name), manifest["components"][name]
+            assert all(shape[0] == batch for shape in trace.input_shapes)  # 2 * batch rows over 2 cores
+            assert [s[1:] for s in trace.input_shapes] == [s[1:] for s in base.input_shapes]
+            assert entry["layout"] == {"batch_per_core": batch, "cores": 2, "batch_per_call": 2 * batch}
+            assert entry["batch"] == 2 * batch and trace.compiler_args == base.compiler_args
+            assert trace.lazy_loaded and entry["file"] == f"{name}/model.pt"
 
 
 def test_recorded_attention_patch_is_active_only_while_tracing(recorded):
