@@ -141,16 +141,19 @@ def warm_up(warm: WarmPipeline, steps: int = 2) -> float:
 
     On Neuron the first inference of a loaded model is 3-4x slower (lazily loaded NEFFs reach their
     cores, the runtime allocates): a short txt2img generation with guidance (text encoders, the UNet
-    on both cores of its pair, the VAE decoder) and one VAE encode (img2img's first graph) pay that
-    cost here instead of in the first user's request.
+    on both cores of its pair, the VAE decoder), one step at each larger compiled batch size, and one
+    VAE encode (img2img's first graph) pay that cost here instead of in the first users' requests.
     """
     started = time.perf_counter()
     size = warm.key.size
     assert size is not None, "warm-up is for fixed-shape (compiled) pipelines"
     with warm.lock:
-        pipe = warm.view("txt2img", warm.spec.defaults.sampler)
-        pipe(prompt="warm-up", num_inference_steps=steps, guidance_scale=max(2.0, warm.spec.defaults.cfg_scale),
-             width=size.width, height=size.height, generator=torch.Generator("cpu").manual_seed(0), output_type="np")
+        # every compiled UNet batch size once: the batch-1 graph with the full warm-up, larger ones a step each
+        for batch, batch_steps in ((1, steps), *((b, 1) for b in warm.spec.batch_sizes[1:])):
+            pipe = warm.view("txt2img", warm.spec.defaults.sampler)
+            pipe(prompt=["warm-up"] * batch, num_inference_steps=batch_steps,
+                 guidance_scale=max(2.0, warm.spec.defaults.cfg_scale), width=size.width, height=size.height,
+                 generator=torch.Generator("cpu").manual_seed(0), output_type="np")
         warm.components["vae"].encode(torch.zeros(1, 3, size.height, size.width))
     warm.warmup_seconds = time.perf_counter() - started
     return warm.warmup_seconds

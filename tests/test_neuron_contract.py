@@ -179,6 +179,22 @@ def test_recorded_one_unet_is_traced_per_compiled_batch_size(tiny_dir, tmp_path,
             assert entry["batch"] == 2 * batch and trace.compiler_args == base.compiler_args
             assert trace.lazy_loaded and entry["file"] == f"{name}/model.pt"
 
+    # Loading warms every batch size's graph up (each a DataParallel over the pair) before "ready";
+    # then two requests that wait together run as one call of the batch-4 graph (4 rows, 2 per core).
+    engine = Engine(registry, backend, EngineSettings(batch_wait_s=0.5))
+    try:
+        engine.load("tiny-sd15")
+        per_core_rows = sorted({call.chunk_shapes[0][0][0] for call in recorder.data_parallels if call.chunk_shapes})
+        assert per_core_rows == [1, 4] and all(c.device_ids == [0, 1] for c in recorder.data_parallels)
+        calls_before = {id(c): len(c.chunk_shapes) for c in recorder.data_parallels}
+        jobs = [engine.submit(GenerateRequest(model="tiny-sd15", prompt=p, steps=2, seed=i))
+                for i, p in enumerate(["one", "two"])]
+        assert [job.result(60).batch_requests for job in jobs] == [2, 2]
+        batch4 = next(c for c in recorder.data_parallels if c.chunk_shapes and c.chunk_shapes[0][0][0] == 4)
+        assert len(batch4.chunk_shapes) - calls_before[id(batch4)] == 2  # one call per step, 2 requests padded to 4
+    finally:
+        engine.close()
+
 
 def test_recorded_attention_patch_is_active_only_while_tracing(recorded):
     from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
