@@ -23,6 +23,7 @@ import torch
 from .errors import Cancelled
 from .infotext import png_with_parameters
 from .pipelines import WarmPipeline
+from .samplers import seed_scheduler
 from .scheduler import Job
 from .types import GeneratedImage, GenerateRequest, GenerateResult, Progress
 
@@ -92,6 +93,7 @@ class BatchRun:
     def _call(self, rows: list[Row]) -> None:
         resolved = self.work.resolved
         pipe = self.warm.view(self.work.request.mode, resolved.sampler)
+        seed_scheduler(pipe.scheduler, [row.seed for row in rows])
         callback = _BatchCallback(self, rows)
         self.clock.start()
         try:

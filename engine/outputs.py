@@ -1,7 +1,9 @@
 """Where generated images are kept: every face (UI, HTTP API) saves through one ``OutputStore``."""
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 import threading
 from datetime import date
 from pathlib import Path
@@ -24,18 +26,28 @@ class OutputStore:
         self._lock = threading.Lock()
 
     def save(self, mode: str, image: GeneratedImage, today: Optional[date] = None) -> Path:
+        """Write the PNG under a hidden temporary name, then link it to its numbered name: a crash or a
+        full disk never leaves a partial PNG that looks finished, and no name is ever overwritten."""
         folder = self.root / f"{mode}-images" / (today or date.today()).isoformat()
         with self._lock:
             folder.mkdir(parents=True, exist_ok=True)
-            number = self._next_number(folder)
-            while True:  # another process may write into the same folder
-                path = folder / f"{number:05d}-{image.seed}.png"
-                try:
-                    with open(path, "xb") as handle:
-                        handle.write(image.png)
-                    return path
-                except FileExistsError:
-                    number += 1
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".partial-", suffix=".png", delete=False) as handle:
+                temporary = Path(handle.name)
+            try:
+                temporary.write_bytes(image.png)
+                return self._publish(temporary, folder, image.seed)
+            finally:
+                temporary.unlink(missing_ok=True)
+
+    def _publish(self, temporary: Path, folder: Path, seed: int) -> Path:
+        number = self._next_number(folder)
+        while True:  # another process may write into the same folder
+            path = folder / f"{number:05d}-{seed}.png"
+            try:
+                os.link(temporary, path)  # atomic, and fails instead of replacing an existing file
+                return path
+            except FileExistsError:
+                number += 1
 
     def _next_number(self, folder: Path) -> int:
         numbers = [int(m.group(1)) for p in folder.iterdir() if (m := self._NUMBER.match(p.name))]

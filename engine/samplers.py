@@ -101,6 +101,14 @@ def check_sampler(name: str) -> SamplerRecipe:
         raise UnknownSampler(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}") from None
 
 
+def seed_scheduler(scheduler: Any, seeds: list[int]) -> None:
+    """Seed the noise a scheduler draws itself, one seed per row, as A1111 does: "DPM++ SDE" takes
+    its Brownian-tree noise from ``noise_sampler_seed`` (else from the global torch RNG, which made
+    the same request give different images). Other schedulers draw from the pipeline's generators."""
+    if hasattr(scheduler, "noise_sampler_seed"):
+        scheduler.noise_sampler_seed = list(seeds)  # a list: one tree per row, the same alone or batched
+
+
 def make_scheduler(name: str, base_config: Mapping[str, Any]) -> Any:
     """A new scheduler of sampler ``name`` built from a model's scheduler config."""
     recipe = check_sampler(name)

@@ -181,7 +181,9 @@ def test_settings_from_flags_and_environment(tmp_path):
 def test_settings_defaults_and_share_warning():
     from engine.registry import DEFAULT_REGISTRY
 
-    settings = parse_settings(["--share"], {})
+    with pytest.raises(SettingsError, match="--share makes this machine reachable by anyone"):
+        parse_settings(["--share"], {})
+    settings = parse_settings(["--share", "--insecure-share"], {})
     assert (settings.registry, settings.host, settings.port, settings.backend) == (
         DEFAULT_REGISTRY, "127.0.0.1", 7860, "auto")
     assert settings.outputs == Path("outputs") and settings.concurrency == 1

@@ -19,8 +19,6 @@ from engine.samplers import sampler_names
 from engine.scheduler import Batching, Scheduler
 
 TOLERANCE = 1
-# DPM++ SDE draws its Brownian noise from the global torch RNG: not reproducible even alone (issue 11).
-UNSEEDED = {"DPM++ SDE", "DPM++ SDE Karras"}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +43,7 @@ def requests_for(sampler: str, steps: int = 4) -> list[GenerateRequest]:
                                            ("a green triangle", "dark", 33))]
 
 
-@pytest.mark.parametrize("sampler", [s for s in sampler_names() if s not in UNSEEDED])
+@pytest.mark.parametrize("sampler", sampler_names())
 def test_batched_images_equal_solo_images_for_every_sampler(batch_engine, cpu_engine, sampler):
     requests = requests_for(sampler)
     jobs = [batch_engine.submit(r) for r in requests]

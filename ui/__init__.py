@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from .settings import AppSettings
 
 TITLE = "Stable Diffusion"
+CACHE_CLEANUP = (3600, 86400)  # Gradio's delete_cache: (every N seconds, files older than M seconds)
 
 CSS = """
 .gradio-container { max-width: 1500px !important; }
@@ -75,7 +76,9 @@ def build_app(engine: "Engine", settings: "AppSettings") -> "gr.Blocks":
     infos = engine.models()
     choices = [(m.title if m.title == m.id else f"{m.title} ({m.id})", m.id) for m in infos]
     backend = engine.backend
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    # Gradio keeps every upload and every gallery image in its cache: drop files older than a day,
+    # checking hourly, so a long-running server does not fill its disk.
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=CACHE_CLEANUP) as demo:
         with gr.Row(elem_id="header_row", equal_height=True):
             model = gr.Dropdown(choices, value=engine.registry.default_model, label="Stable Diffusion checkpoint",
                                 elem_id="sd_model_checkpoint", allow_custom_value=True, scale=1, min_width=260)

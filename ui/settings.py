@@ -11,7 +11,7 @@ flag                       environment         default
 ``--backend NAME``         ``SD_BACKEND``      ``auto`` (neuron, else eager on CUDA, else cpu)
 ``--host HOST``            ``GRADIO_SERVER_NAME``  ``127.0.0.1``
 ``--port PORT``            ``GRADIO_SERVER_PORT``  ``7860``
-``--share``                ``SD_SHARE=1``      off
+``--share``                ``SD_SHARE=1``      off (refused without auth unless ``--insecure-share``)
 ``--auth USER:PASS``       ``SD_AUTH``         none (repeatable flag; env: comma separated)
 ``--auth-file PATH``       ``SD_AUTH_FILE``    none (lines ``user:pass``)
 ``--preload M[,M]``        ``SD_PRELOAD``      none (``MODEL`` or ``MODEL@WxH``)
@@ -64,6 +64,7 @@ class AppSettings:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     share: bool = False
+    insecure_share: bool = False
     auth: tuple[tuple[str, str], ...] = ()
     preload: tuple[Preload, ...] = ()
     max_warm: int = 2
@@ -110,6 +111,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--host", default=env("GRADIO_SERVER_NAME", DEFAULT_HOST),
                    help="interface to listen on; 0.0.0.0 for every interface [GRADIO_SERVER_NAME]")
     p.add_argument("--port", default=env("GRADIO_SERVER_PORT", str(DEFAULT_PORT)), help="[GRADIO_SERVER_PORT]")
+    p.add_argument("--insecure-share", action="store_true", default=_truthy(env("SD_INSECURE_SHARE", "")),
+                   help="allow --share without --auth: anyone with the link can use this machine "
+                        "[SD_INSECURE_SHARE]")
     p.add_argument("--share", action="store_true", default=_truthy(env("SD_SHARE", "")),
                    help="also serve on a public gradio.live link [SD_SHARE]")
     p.add_argument("--auth", action="append", default=None, metavar="USER:PASS",
@@ -187,6 +191,9 @@ def parse_settings(argv: Optional[Sequence[str]], environ: Mapping[str, str]) ->
     auth = [_parse_auth_pair(text, "--auth") for text in auth_texts]
     if args.auth_file:
         auth += _read_auth_file(Path(args.auth_file))
+    if args.share and not auth and not args.insecure_share:
+        raise SettingsError("--share makes this machine reachable by anyone with the link: add --auth USER:PASS "
+                            "or --auth-file FILE (or --insecure-share to share it open on purpose)")
     threads = _positive_int("--threads", args.threads) if args.threads not in (None, "") else None
     registry, host, port = Path(args.registry), args.host, args.port
     if args.sagemaker:
@@ -200,6 +207,7 @@ def parse_settings(argv: Optional[Sequence[str]], environ: Mapping[str, str]) ->
         host=host,
         port=_positive_int("--port", port),
         share=args.share,
+        insecure_share=args.insecure_share,
         auth=tuple(auth),
         preload=_parse_preload(args.preload),
         max_warm=_positive_int("--max-warm", args.max_warm),
