@@ -228,6 +228,7 @@ async def generate(ctx: ApiContext, request: GenerationFields, mode: str, owner:
         for job in jobs:
             job.interrupt()
         raise
+    generation.warnings.extend(dict.fromkeys(n for r in generation.results for n in r.notices))
     if request.save_images and not request.do_not_save_samples:
         for image in generation.images:
             ctx.outputs.save(mode, image)

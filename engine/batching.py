@@ -23,6 +23,7 @@ import torch
 from .errors import Cancelled
 from .infotext import png_with_parameters
 from .pipelines import WarmPipeline
+from .prompts import truncation_notices
 from .samplers import seed_scheduler
 from .scheduler import Job
 from .types import GeneratedImage, GenerateRequest, GenerateResult, Progress
@@ -120,9 +121,10 @@ class BatchRun:
             return Cancelled(self.left[job], images=tuple(self.images[job]))
         request: GenerateRequest = job.payload.request
         resolved = job.payload.resolved
+        notices = truncation_notices(self.warm.components["tokenizer"], request.prompt, request.negative_prompt)
         return GenerateResult(request, resolved.spec.id, resolved.size, resolved.sampler, resolved.steps,
                               resolved.cfg_scale, resolved.seed, tuple(self.images[job]),
-                              {**timings, "batch_requests": float(len(self.jobs))})
+                              {**timings, "batch_requests": float(len(self.jobs))}, notices)
 
 
 class _BatchCallback:

@@ -114,6 +114,7 @@ class GenerateResult:
     seed: int
     images: tuple[GeneratedImage, ...]
     timings: dict[str, float]
+    notices: tuple[str, ...] = ()  # things the user should know, e.g. the words a too-long prompt lost
 
     @property
     def batch_requests(self) -> int:

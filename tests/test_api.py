@@ -199,6 +199,12 @@ def test_bad_init_images_are_422_naming_the_image(api, image, needle):
     assert error["loc"] == ["body", "init_images", 0] and needle in error["msg"]
 
 
+def test_a_truncated_prompt_is_reported_in_warnings(api):
+    words = " ".join(f"word{i}" for i in range(40))
+    data = api.post("/sdapi/v1/txt2img", json={"prompt": words, "steps": 2, "seed": 1}).json()
+    assert any("these words were ignored" in w and "the model reads 75" in w for w in data["warnings"])
+
+
 def test_an_empty_prompt_generates_as_in_a1111(api):
     data = api.post("/sdapi/v1/txt2img", json={"steps": 2, "seed": 8}).json()
     assert len(data["images"]) == 1 and json.loads(data["info"])["prompt"] == ""

@@ -242,3 +242,9 @@ def _unexpected_errors_are_generic_and_logged_once(client, engine, monkeypatch, 
     monkeypatch.undo()
     images, _, _ = client.predict(prompt="x", steps=2, api_name="/txt2img")
     assert len(images) == 1
+
+
+def test_a_truncated_prompt_is_shown_with_its_dropped_words(client):
+    words = " ".join(f"word{i}" for i in range(40))
+    images, _, stats = client.predict(prompt=words, steps=2, seed=3, api_name="/txt2img")
+    assert len(images) == 1 and "⚠️ the prompt is" in stats and "these words were ignored" in stats

@@ -233,3 +233,13 @@ def test_every_sampler_is_reproducible_by_seed(cpu_engine, sampler):
     third = cpu_engine.generate(request)
     assert np.array_equal(pixels(first.images[0].image), pixels(second.images[0].image))
     assert np.array_equal(pixels(first.images[0].image), pixels(third.images[0].image))
+
+
+def test_a_prompt_over_75_tokens_says_which_words_were_dropped(cpu_engine):
+    words = " ".join(f"word{i}" for i in range(40))  # the tiny tokenizer splits each into several tokens
+    result = cpu_engine.generate(GenerateRequest(model="tiny-sd15", prompt=words, negative_prompt="blurry",
+                                                 steps=2, seed=1))
+    [notice] = result.notices
+    assert notice.startswith("the prompt is ") and "the model reads 75" in notice
+    assert "word39" in notice.replace(" ", "") and "word0" not in notice.replace(" ", "")
+    assert cpu_engine.generate(GenerateRequest(model="tiny-sd15", prompt="a red circle", steps=2)).notices == ()

@@ -271,6 +271,9 @@ def run_job(ctx: AppContext, make_request: Callable[[], GenerateRequest], batch_
             job.interrupt()
         ctx.interrupts.end(session, flag)
     outcome.stats = stats_line(results, count, flag.is_set(), time.perf_counter() - started)
+    for notice in dict.fromkeys(n for r in results for n in r.notices):
+        gr.Warning(notice[0].upper() + notice[1:])
+        outcome.stats += f"\n\n⚠️ {html.escape(notice, quote=False)}"
     return outcome
 
 

@@ -1,0 +1,34 @@
+"""What the text encoder sees of a prompt: CLIP reads at most 75 tokens (77 with start and end).
+
+A longer prompt is cut by the pipeline without a word; ``truncation_notices`` says which words were
+dropped, so the UI and the API can tell the user (A1111 prints the same warning).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+
+def dropped_words(tokenizer: Any, text: str) -> Optional[tuple[int, int, str]]:
+    """(tokens in ``text``, tokens kept, the dropped text) when ``text`` is too long, else None."""
+    if not text:
+        return None
+    ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+    kept = tokenizer.model_max_length - 2  # the start and end tokens take two places
+    if len(ids) <= kept:
+        return None
+    return len(ids), kept, tokenizer.decode(ids[kept:]).strip()
+
+
+def truncation_notices(tokenizer: Any, prompt: str, negative_prompt: str) -> tuple[str, ...]:
+    """One sentence per prompt that is cut, naming the words the model never saw."""
+    notices = []
+    for label, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+        cut = dropped_words(tokenizer, text)
+        if cut is not None:
+            total, kept, dropped = cut
+            notices.append(f"the {label} is {total} tokens and the model reads {kept}: "
+                           f"these words were ignored: \"{dropped}\"")
+    return tuple(notices)
+
+
+__all__ = ["dropped_words", "truncation_notices"]
