@@ -28,30 +28,6 @@ def default_threads() -> int:
     return max(1, cores - 1)
 
 
-def ensure_default_compiled(registry, backend) -> None:  # noqa: ANN001 - engine types, imported lazily
-    """On a fixed-shape backend, compile the default model's missing or stale resolutions (printing
-    progress), so a fresh checkout serves its first image without a separate compile step."""
-    from engine.compile import compile_all, plan
-
-    if not backend.fixed_shape:
-        return
-    model = registry.default_model
-    todo = [row for row in plan(registry, backend, models=[model]) if row.status.state != "compiled"]
-    if not todo:
-        return
-    sizes = ", ".join(str(row.size) for row in todo)
-    print(f"Compiling {model} ({sizes}) for the {backend.name} backend: its artifacts are missing or stale. "
-          f"This runs once; artifacts go to {registry.artifacts_dir}.", flush=True)
-    started = time.perf_counter()
-    outcomes = compile_all(registry, backend, models=[model], log=lambda line: print(line, flush=True))
-    failed = [o for o in outcomes if o.state == "failed"]
-    if failed:
-        print(f"Compiling {model} failed for {', '.join(str(o.size) for o in failed)}; the app starts anyway and "
-              f"the Models tab shows the command to retry.", flush=True)
-    else:
-        print(f"Compiled {model} in {time.perf_counter() - started:.1f}s.", flush=True)
-
-
 def preload(engine, settings: AppSettings) -> None:  # noqa: ANN001
     """Warm the ``--preload`` models; a failure is reported and the app serves anyway."""
     from engine import EngineError, Size
@@ -82,13 +58,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from engine import Engine, EngineError, EngineSettings, load_registry
     from engine.backends import make_backend
     from engine.cli import quiet_libraries
+    from engine.compile import ensure_compiled
 
     quiet_libraries()
     try:
         registry = load_registry(settings.registry)
         backend = make_backend(settings.backend)
         if settings.autocompile:
-            ensure_default_compiled(registry, backend)
+            ensure_compiled(registry, backend, registry.default_model, log=lambda line: print(line, flush=True))
         engine = Engine(registry, backend, EngineSettings(max_warm=settings.max_warm,
                                                              workers=settings.concurrency,
                                                              batch_wait_s=settings.batch_wait_ms / 1000))

@@ -8,6 +8,7 @@ from typing import Optional
 
 from .backends import BACKEND_NAMES, make_backend
 from .bench import add_bench_parser
+from .compile import ensure_compiled
 from .engine import Engine
 from .errors import EngineError
 from .registry import DEFAULT_REGISTRY, load_registry
@@ -43,13 +44,21 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--strength", type=float, default=0.75, help="denoising strength for img2img")
     p.add_argument("--resize-mode", choices=RESIZE_MODES, default="just resize")
     p.add_argument("--out", type=Path, required=True, help="PNG path; image i>0 gets a -i suffix")
+    p.add_argument("--no-autocompile", dest="autocompile", action="store_false",
+                   help="do not compile the model's missing artifacts first (they are compiled by default)")
     p.set_defaults(func=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    engine = Engine(load_registry(args.registry), make_backend(args.backend))
+    registry, backend = load_registry(args.registry), make_backend(args.backend)
+    if args.autocompile:  # as the app does: a fresh checkout generates without a compile_all.py step first
+        model = registry.get(args.model or registry.default_model)
+        if args.size is None or args.size in model.resolutions:
+            ensure_compiled(registry, backend, model.id, [args.size or model.default_size],
+                            log=lambda line: print(line, file=sys.stderr, flush=True))
+    engine = Engine(registry, backend)
     init = Image.open(args.init_image).convert("RGB") if args.init_image else None
     request = GenerateRequest(
         model=args.model, prompt=args.prompt, negative_prompt=args.negative_prompt, sampler=args.sampler,

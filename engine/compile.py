@@ -160,3 +160,27 @@ def compile_all(
         log(f"{label}: compiled in {seconds:.1f}s")
         outcomes.append(CompileOutcome(row.spec.id, row.size, "compiled", seconds))
     return outcomes
+
+
+def ensure_compiled(registry: Registry, backend: Backend, model: str, sizes: Optional[Iterable[Size]] = None,
+                    log: Log = print) -> list[CompileOutcome]:
+    """On a fixed-shape backend, compile ``model``'s missing or stale resolutions (``sizes``: only
+    those), printing progress, so a fresh checkout serves or generates its first image without a
+    separate ``compile_all.py`` step. Nothing to do on eager or when everything is compiled."""
+    if not backend.fixed_shape:
+        return []
+    wanted = list(sizes) if sizes is not None else None
+    todo = [row for row in plan(registry, backend, models=[model], resolutions=wanted) if row.status.state != "compiled"]
+    if not todo:
+        return []
+    log(f"Compiling {model} ({', '.join(str(row.size) for row in todo)}) for the {backend.name} backend: its "
+        f"artifacts are missing or stale. This runs once; artifacts go to {registry.artifacts_dir}.")
+    started = time.perf_counter()
+    outcomes = compile_all(registry, backend, models=[model], resolutions=[row.size for row in todo], log=log)
+    failed = [o for o in outcomes if o.state == "failed"]
+    if failed:
+        log(f"Compiling {model} failed for {', '.join(str(o.size) for o in failed)}; "
+            f"`{artifacts.compile_command(model, failed[0].size, backend.name, registry.path)}` retries it.")
+    else:
+        log(f"Compiled {model} in {time.perf_counter() - started:.1f}s.")
+    return outcomes

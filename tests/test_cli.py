@@ -42,3 +42,23 @@ def test_generate_error_is_one_readable_line(compiled_registry, tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: 96x96 is not compiled for tiny-sd15; compiled: 64x64, 64x96")
     assert "Traceback" not in result.stderr
+
+
+def test_generate_on_a_fresh_checkout_compiles_the_model_first_like_the_app(tiny_dir, tmp_path):
+    """No compile_all.py step needed: the requested model and size are compiled, once."""
+    import yaml
+
+    data = yaml.safe_load((tiny_dir / "model_registry.yaml").read_text())
+    data["models"] = [dict(m, source={"local": str(tiny_dir / m["source"]["local"])})
+                      for m in data["models"] if m["id"] == "tiny-sd21"]
+    data.update(default_model="tiny-sd21", artifacts_dir=str(tmp_path / "artifacts"))
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(yaml.safe_dump(data))
+    args = ("generate", "--registry", str(registry), "--backend", "cpu", "--prompt", "x", "--steps", "2")
+    refused = run_engine(*args, "--no-autocompile", "--out", str(tmp_path / "refused.png"))
+    assert refused.returncode == 2 and "compile_all.py" in refused.stderr
+    first = run_engine(*args, "--out", str(tmp_path / "first.png"))
+    assert first.returncode == 0, first.stderr
+    assert "Compiling tiny-sd21 (64x64) for the cpu backend" in first.stderr and (tmp_path / "first.png").exists()
+    second = run_engine(*args, "--out", str(tmp_path / "second.png"))
+    assert second.returncode == 0 and "Compiling" not in second.stderr
