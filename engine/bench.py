@@ -729,14 +729,23 @@ def _measure_switch(runner: EngineRunner, job: Job, registry: Registry, other_id
 # --- command line ------------------------------------------------------------------------------------------
 
 
-def _steps_list(text: str) -> tuple[int, ...]:
-    try:
-        steps = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected step counts such as 20,30,50, found {text!r}") from None
-    if not steps or any(s < 1 for s in steps):
-        raise argparse.ArgumentTypeError(f"expected positive step counts such as 20,30,50, found {text!r}")
-    return steps
+def _positive_list(what: str, example: str) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type for comma-separated positive whole numbers such as ``example``."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            numbers = tuple(int(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            numbers = ()
+        if not numbers or any(n < 1 for n in numbers):
+            raise argparse.ArgumentTypeError(f"expected positive {what} such as {example}, found {text!r}")
+        return numbers
+
+    return parse
+
+
+_steps_list = _positive_list("step counts", "20,30,50")
+_clients_list = _positive_list("client counts", "1,4,8")
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -767,6 +776,10 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="run i uses seed + i")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--out", type=Path, help="write bench.md, bench.csv, bench.png and bench.json here")
+    p.add_argument("--concurrency", type=_clients_list, default=(),
+                   help="instead: concurrent clients through the engine queue, e.g. 1,4,8, batching off and on "
+                        "side by side (concurrency.md/.json/.png with --out)")
+    p.add_argument("--requests", type=int, default=16, help="with --concurrency: requests per level")
     p.set_defaults(func=main)
 
 
@@ -775,6 +788,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.runs < 1 or args.warmup < 0:
         raise SystemExit("--runs must be at least 1 and --warmup at least 0")
+    if args.concurrency:
+        return _main_concurrency(args)
     settings = BenchSettings(
         registry=args.registry, model=args.model, size=args.size, sampler=args.sampler, steps=args.steps,
         runs=args.runs, warmup=args.warmup, backend=args.backend, price_per_hour=args.price_per_hour,
@@ -784,5 +799,25 @@ def main(args: argparse.Namespace) -> int:
     print(format_text(report))
     if args.out:
         for path in write_all(report, args.out):
+            print(f"wrote {path}")
+    return 0
+
+
+def _main_concurrency(args: argparse.Namespace) -> int:
+    """``--concurrency``: see engine/bench_concurrency.py."""
+    from .bench_concurrency import run_concurrency, to_markdown, write_all
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    registry = load_registry(args.registry)
+    spec = registry.get(args.model or registry.default_model)
+    steps = args.steps[0] if args.steps else spec.defaults.steps
+    title = (f"{spec.id} {args.size or spec.default_size}, {steps} steps, batch_sizes {list(spec.batch_sizes)}, "
+             f"{torch.get_num_threads()} threads")
+    rows = run_concurrency(registry, args.backend, args.concurrency, args.requests, spec.id, args.size, steps,
+                           args.prompt, args.seed, _stderr)
+    print(to_markdown(rows, title))
+    if args.out:
+        for path in write_all(rows, title, args.out):
             print(f"wrote {path}")
     return 0

@@ -41,6 +41,7 @@ class EngineSettings:
 
     max_warm: int = 2
     workers: int = 1
+    batching: bool = True  # run compatible waiting requests together (models with batch_sizes)
     batch_wait_s: float = 0.0  # how long a free worker waits for compatible requests to batch
     eager_max_batch: int = 4  # images per call on the any-shape eager backend
 
@@ -115,7 +116,8 @@ class Engine:
         self._default_model = registry.default_model
         batching = Batching(key=self._batch_key, rows=lambda work: work.request.num_images,
                             limit=self._batch_limit, wait_s=settings.batch_wait_s)
-        self.scheduler: Scheduler[Any] = Scheduler(self._execute, workers=settings.workers, batching=batching)
+        self.scheduler: Scheduler[Any] = Scheduler(self._execute, workers=settings.workers,
+                                                   batching=batching if settings.batching else None)
 
     @property
     def default_model(self) -> str:

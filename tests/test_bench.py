@@ -146,3 +146,19 @@ def test_cpu_bf16_convolutional_components_are_traced_channels_last(tiny_dir, tm
                            "vae_encoder": expected}
     result = Engine(registry, backend).generate(GenerateRequest(model="tiny-bf16", prompt="a cat", seed=1))
     assert result.images[0].image.size == (64, 64)
+
+
+def test_concurrency_bench_runs_through_the_queue_with_batching_off_and_on(compiled_registry, tmp_path):
+    """``--concurrency``: the same requests at each level, batching off then on; batched images within 1 level."""
+    from engine.bench_concurrency import run_concurrency, write_all
+
+    rows = run_concurrency(compiled_registry, "cpu", (1, 4), requests=4, model="tiny-sd15", size=None, steps=2,
+                           prompt="a red circle", seed=7, log=lambda line: None)
+    assert [(r.batching, r.clients) for r in rows] == [("off", 1), ("off", 4), ("on", 1), ("on", 4)]
+    assert [r.max_batch_seen for r in rows[:3]] == [1, 1, 1]  # off never batches; one client has no company
+    assert rows[3].max_batch_seen >= 2  # 3 clients' requests wait while the first one runs
+    assert rows[0].max_pixel_diff is None and all(r.max_pixel_diff <= 1 for r in rows[1:])
+    assert all(r.requests == 4 and r.images_per_s > 0 and r.p95_s >= r.p50_s for r in rows)
+    paths = write_all(rows, "tiny", tmp_path)
+    assert [p.name for p in paths] == ["concurrency.md", "concurrency.json", "concurrency.png"]
+    assert "| on | 4 | 4 |" in paths[0].read_text()

@@ -1,0 +1,147 @@
+"""``python -m engine bench --concurrency 1,4,8``: images/s and latency of concurrent requests through
+the engine's queue, with batching off and on, side by side.
+
+For each concurrency level ``c`` the same ``requests`` txt2img requests (seeds ``seed .. seed+N-1``)
+are shared among ``c`` client threads calling ``Engine.generate`` — the path the app's UI and API
+take (submit to the queue, run on the device worker). "off" is an engine that never batches; "on"
+batches compatible waiting requests up to the model's largest compiled batch (its ``batch_sizes``).
+Every image is compared with the one the first row (off, concurrency 1) made for its seed.
+For the whole server under HTTP clients, use ``tools/load_bench.py``.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from .registry import Registry
+from .types import GenerateRequest, Size
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ConcurrencyRow:
+    batching: str  # "off" | "on"
+    clients: int
+    requests: int
+    wall_s: float
+    images_per_s: float
+    p50_s: float
+    p95_s: float
+    max_batch_seen: int
+    max_pixel_diff: Optional[int]  # vs the first row for the same seed
+
+
+def _run(engine: Any, requests: list[GenerateRequest], clients: int) -> tuple[float, list[float], dict[int, Any]]:
+    todo = list(requests)
+    lock = threading.Lock()
+    latencies: list[float] = []
+    results: dict[int, Any] = {}
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                request = todo.pop(0)
+            started = time.perf_counter()
+            result = engine.generate(request)
+            with lock:
+                latencies.append(time.perf_counter() - started)
+                results[request.seed] = result
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started, latencies, results
+
+
+def run_concurrency(registry: Registry, backend_name: str, levels: Sequence[int], requests: int, model: Optional[str],
+                    size: Optional[Size], steps: Optional[int], prompt: str, seed: int,
+                    log: Log) -> list[ConcurrencyRow]:
+    from .backends import make_backend
+    from .engine import Engine, EngineSettings
+
+    batch: list[GenerateRequest] = [GenerateRequest(model=model, prompt=prompt, steps=steps, size=size, seed=seed + i)
+                                    for i in range(requests)]
+    rows: list[ConcurrencyRow] = []
+    reference: dict[int, np.ndarray] = {}
+    for batching in (False, True):
+        engine = Engine(registry, make_backend(backend_name), EngineSettings(batching=batching))
+        try:
+            _run(engine, batch[:2], 1)  # load and warm up, unmeasured
+            for clients in levels:
+                wall, latencies, results = _run(engine, batch, clients)
+                images = {s: np.asarray(r.images[0].image, dtype=np.int16) for s, r in results.items()}
+                diff = max(int(np.abs(images[s] - reference[s]).max()) for s in images) if reference else None
+                reference = reference or images
+                ordered = sorted(latencies)
+                rows.append(ConcurrencyRow(
+                    "on" if batching else "off", clients, requests, round(wall, 3), round(requests / wall, 2),
+                    round(statistics.median(ordered), 3), round(ordered[int(0.95 * (len(ordered) - 1))], 3),
+                    max(r.batch_requests for r in results.values()), diff))
+                log(f"batching {rows[-1].batching:>3}, {clients} clients: {rows[-1].images_per_s:.2f} images/s, "
+                    f"p50 {rows[-1].p50_s:.3f} s, p95 {rows[-1].p95_s:.3f} s, batches up to {rows[-1].max_batch_seen}")
+        finally:
+            engine.close()
+    return rows
+
+
+def to_markdown(rows: list[ConcurrencyRow], title: str) -> str:
+    lines = [f"# {title}", "", "| batching | clients | requests | wall s | images/s | p50 s | p95 s | largest batch "
+             "| max pixel diff |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.batching} | {r.clients} | {r.requests} | {r.wall_s} | {r.images_per_s} | {r.p50_s} | {r.p95_s} "
+              f"| {r.max_batch_seen} | {'—' if r.max_pixel_diff is None else r.max_pixel_diff} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def draw_png(rows: list[ConcurrencyRow], title: str, path: Path) -> None:
+    """Grouped bars: images/s per concurrency level, batching off (grey) and on (orange)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    levels = list(dict.fromkeys(r.clients for r in rows))
+    width, height, left, top, plot_h = 640, 360, 60, 40, 260
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 10), f"{title}: images/s (grey: batching off, orange: on)", fill="black", font=font)
+    best = max(r.images_per_s for r in rows) or 1.0
+    group_w = (width - left - 20) / len(levels)
+    base_y = top + plot_h
+    for g, clients in enumerate(levels):
+        for k, mode in enumerate(("off", "on")):
+            row = next((r for r in rows if r.clients == clients and r.batching == mode), None)
+            if row is None:
+                continue
+            x0 = left + g * group_w + 10 + k * (group_w - 20) / 2
+            x1 = x0 + (group_w - 20) / 2 - 6
+            y0 = base_y - plot_h * row.images_per_s / best
+            draw.rectangle([x0, y0, x1, base_y], fill=(150, 150, 150) if mode == "off" else (234, 88, 12))
+            draw.text((x0, y0 - 12), f"{row.images_per_s:.1f}", fill="black", font=font)
+        draw.text((left + g * group_w + group_w / 2 - 20, base_y + 8), f"{clients} clients", fill="black", font=font)
+    draw.line([left, base_y, width - 10, base_y], fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def write_all(rows: list[ConcurrencyRow], title: str, out_dir: Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "concurrency.md", out_dir / "concurrency.json", out_dir / "concurrency.png"]
+    paths[0].write_text(to_markdown(rows, title), encoding="utf-8")
+    paths[1].write_text(json.dumps([asdict(r) for r in rows], indent=2), encoding="utf-8")
+    draw_png(rows, title, paths[2])
+    return paths
+
+
+__all__ = ["ConcurrencyRow", "run_concurrency", "to_markdown", "write_all"]
