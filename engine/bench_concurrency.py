@@ -68,7 +68,7 @@ def _run(engine: Any, requests: list[GenerateRequest], clients: int) -> tuple[fl
 
 def run_concurrency(registry: Registry, backend_name: str, levels: Sequence[int], requests: int, model: Optional[str],
                     size: Optional[Size], steps: Optional[int], prompt: str, seed: int,
-                    log: Log) -> list[ConcurrencyRow]:
+                    log: Log, batch_wait_s: float = 0.0) -> list[ConcurrencyRow]:
     from .backends import make_backend
     from .engine import Engine, EngineSettings
 
@@ -77,7 +77,7 @@ def run_concurrency(registry: Registry, backend_name: str, levels: Sequence[int]
     rows: list[ConcurrencyRow] = []
     reference: dict[int, np.ndarray] = {}
     for batching in (False, True):
-        engine = Engine(registry, make_backend(backend_name), EngineSettings(batching=batching))
+        engine = Engine(registry, make_backend(backend_name), EngineSettings(batching=batching, batch_wait_s=batch_wait_s))
         try:
             _run(engine, batch[:2], 1)  # load and warm up, unmeasured
             for clients in levels:

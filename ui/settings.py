@@ -19,7 +19,7 @@ flag                       environment         default
 ``--outputs DIR``          ``SD_OUTPUTS``      ``outputs/``
 ``--threads N``            ``SD_THREADS``      every core but one (at least 1)
 ``--concurrency N``        ``SD_CONCURRENCY``  1 (device workers: generations at once)
-``--batch-wait-ms MS``     ``SD_BATCH_WAIT_MS``  0 (a free worker waits this long for requests to batch)
+``--batch-wait-ms MS``     ``SD_BATCH_WAIT_MS``  5 (a free worker waits this long for requests to batch)
 ``--no-autocompile``       ``SD_AUTOCOMPILE=0``  compile the default model when missing
 ``--api/--no-api``         ``SD_API=0``        on: /sdapi/v1, /ping, /invocations, /docs
 ``--allow-image-urls``     ``SD_ALLOW_IMAGE_URLS=1``  off: image fields take base64 only
@@ -71,7 +71,7 @@ class AppSettings:
     outputs: Path = Path("outputs")
     threads: Optional[int] = None
     concurrency: int = 1
-    batch_wait_ms: int = 0
+    batch_wait_ms: int = 5
     autocompile: bool = True
     api: bool = True
     allow_image_urls: bool = False
@@ -128,7 +128,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--threads", default=env("SD_THREADS"), help="torch intra-op threads (default: every core but one) [SD_THREADS]")
     p.add_argument("--concurrency", default=env("SD_CONCURRENCY", "1"),
                    help="generations running at once on the device; others wait in the queue [SD_CONCURRENCY]")
-    p.add_argument("--batch-wait-ms", default=env("SD_BATCH_WAIT_MS", "0"),
+    p.add_argument("--batch-wait-ms", default=env("SD_BATCH_WAIT_MS", "5"),
                    help="how long a free device worker waits for more compatible requests to run as one batch "
                         "(models with batch_sizes in the registry); 0: batch only what is already waiting "
                         "[SD_BATCH_WAIT_MS]")
