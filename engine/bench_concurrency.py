@@ -11,12 +11,13 @@ For the whole server under HTTP clients, use ``tools/load_bench.py``.
 from __future__ import annotations
 
 import json
+import queue
 import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 import numpy as np
 
@@ -24,38 +25,62 @@ from .registry import Registry
 from .types import GenerateRequest, Size
 
 Log = Callable[[str], None]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
 class ConcurrencyRow:
-    batching: str  # "off" | "on"
+    """One measured level: ``label`` says what ran ("off"/"on": batching here; "api"/"ui" in
+    tools/load_bench.py)."""
+
+    label: str
     clients: int
     requests: int
     wall_s: float
     images_per_s: float
     p50_s: float
     p95_s: float
-    max_batch_seen: int
     max_pixel_diff: Optional[int]  # vs the first row for the same seed
+    max_batch_seen: Optional[int] = None
+
+    @classmethod
+    def measured(cls, label: str, clients: int, wall_s: float, latencies: Sequence[float],
+                 max_pixel_diff: Optional[int], max_batch_seen: Optional[int] = None) -> "ConcurrencyRow":
+        ordered = sorted(latencies)
+        return cls(label, clients, len(ordered), round(wall_s, 3), round(len(ordered) / wall_s, 2),
+                   round(statistics.median(ordered), 3), round(ordered[int(0.95 * (len(ordered) - 1))], 3),
+                   max_pixel_diff, max_batch_seen)
 
 
-def _run(engine: Any, requests: list[GenerateRequest], clients: int) -> tuple[float, list[float], dict[int, Any]]:
-    todo = list(requests)
+def max_pixel_diff(images: dict[int, np.ndarray], reference: dict[int, np.ndarray]) -> Optional[int]:
+    """The largest per-channel difference from ``reference`` for the same seeds (None: no reference)."""
+    if not reference:
+        return None
+    return max(int(np.abs(images[seed].astype(np.int16) - reference[seed].astype(np.int16)).max()) for seed in images)
+
+
+def run_clients(call: Callable[[T], R], items: Sequence[T], clients: int) -> tuple[float, list[float], dict[T, R]]:
+    """Share ``items`` among ``clients`` threads, each calling ``call(item)`` in turn as a user
+    waiting for each answer would; returns (wall seconds, per-call latencies, item -> result)."""
+    todo: "queue.Queue[T]" = queue.Queue()
+    for item in items:
+        todo.put(item)
     lock = threading.Lock()
     latencies: list[float] = []
-    results: dict[int, Any] = {}
+    results: dict[T, R] = {}
 
     def client() -> None:
         while True:
-            with lock:
-                if not todo:
-                    return
-                request = todo.pop(0)
+            try:
+                item = todo.get_nowait()
+            except queue.Empty:
+                return
             started = time.perf_counter()
-            result = engine.generate(request)
+            result = call(item)
             with lock:
                 latencies.append(time.perf_counter() - started)
-                results[request.seed] = result
+                results[item] = result
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     started = time.perf_counter()
@@ -79,18 +104,16 @@ def run_concurrency(registry: Registry, backend_name: str, levels: Sequence[int]
     for batching in (False, True):
         engine = Engine(registry, make_backend(backend_name), EngineSettings(batching=batching, batch_wait_s=batch_wait_s))
         try:
-            _run(engine, batch[:2], 1)  # load and warm up, unmeasured
+            run_clients(engine.generate, batch[:2], 1)  # load and warm up, unmeasured
             for clients in levels:
-                wall, latencies, results = _run(engine, batch, clients)
-                images = {s: np.asarray(r.images[0].image, dtype=np.int16) for s, r in results.items()}
-                diff = max(int(np.abs(images[s] - reference[s]).max()) for s in images) if reference else None
+                wall, latencies, by_request = run_clients(engine.generate, batch, clients)
+                results = {request.seed: result for request, result in by_request.items()}
+                images = {s: np.asarray(r.images[0].image) for s, r in results.items()}
+                rows.append(ConcurrencyRow.measured("on" if batching else "off", clients, wall, latencies,
+                                                    max_pixel_diff(images, reference),
+                                                    max(r.batch_requests for r in results.values())))
                 reference = reference or images
-                ordered = sorted(latencies)
-                rows.append(ConcurrencyRow(
-                    "on" if batching else "off", clients, requests, round(wall, 3), round(requests / wall, 2),
-                    round(statistics.median(ordered), 3), round(ordered[int(0.95 * (len(ordered) - 1))], 3),
-                    max(r.batch_requests for r in results.values()), diff))
-                log(f"batching {rows[-1].batching:>3}, {clients} clients: {rows[-1].images_per_s:.2f} images/s, "
+                log(f"batching {rows[-1].label:>3}, {clients} clients: {rows[-1].images_per_s:.2f} images/s, "
                     f"p50 {rows[-1].p50_s:.3f} s, p95 {rows[-1].p95_s:.3f} s, batches up to {rows[-1].max_batch_seen}")
         finally:
             engine.close()
@@ -100,7 +123,7 @@ def run_concurrency(registry: Registry, backend_name: str, levels: Sequence[int]
 def to_markdown(rows: list[ConcurrencyRow], title: str) -> str:
     lines = [f"# {title}", "", "| batching | clients | requests | wall s | images/s | p50 s | p95 s | largest batch "
              "| max pixel diff |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r.batching} | {r.clients} | {r.requests} | {r.wall_s} | {r.images_per_s} | {r.p50_s} | {r.p95_s} "
+    lines += [f"| {r.label} | {r.clients} | {r.requests} | {r.wall_s} | {r.images_per_s} | {r.p50_s} | {r.p95_s} "
               f"| {r.max_batch_seen} | {'—' if r.max_pixel_diff is None else r.max_pixel_diff} |" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -120,7 +143,7 @@ def draw_png(rows: list[ConcurrencyRow], title: str, path: Path) -> None:
     base_y = top + plot_h
     for g, clients in enumerate(levels):
         for k, mode in enumerate(("off", "on")):
-            row = next((r for r in rows if r.clients == clients and r.batching == mode), None)
+            row = next((r for r in rows if r.clients == clients and r.label == mode), None)
             if row is None:
                 continue
             x0 = left + g * group_w + 10 + k * (group_w - 20) / 2
@@ -144,4 +167,4 @@ def write_all(rows: list[ConcurrencyRow], title: str, out_dir: Path) -> list[Pat
     return paths
 
 
-__all__ = ["ConcurrencyRow", "run_concurrency", "to_markdown", "write_all"]
+__all__ = ["ConcurrencyRow", "max_pixel_diff", "run_clients", "run_concurrency", "to_markdown", "write_all"]

@@ -154,7 +154,7 @@ def test_concurrency_bench_runs_through_the_queue_with_batching_off_and_on(compi
 
     rows = run_concurrency(compiled_registry, "cpu", (1, 4), requests=4, model="tiny-sd15", size=None, steps=2,
                            prompt="a red circle", seed=7, log=lambda line: None)
-    assert [(r.batching, r.clients) for r in rows] == [("off", 1), ("off", 4), ("on", 1), ("on", 4)]
+    assert [(r.label, r.clients) for r in rows] == [("off", 1), ("off", 4), ("on", 1), ("on", 4)]
     assert [r.max_batch_seen for r in rows[:3]] == [1, 1, 1]  # off never batches; one client has no company
     assert rows[3].max_batch_seen >= 2  # 3 clients' requests wait while the first one runs
     assert rows[0].max_pixel_diff is None and all(r.max_pixel_diff <= 1 for r in rows[1:])

@@ -15,28 +15,18 @@ import argparse
 import base64
 import io
 import json
-import queue
-import statistics
+import sys
 import threading
-import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
-
-@dataclass
-class Row:
-    via: str
-    clients: int
-    requests: int
-    wall_s: float
-    images_per_s: float
-    p50_s: float
-    p95_s: float
-    max_pixel_diff: Optional[int]  # vs the first row's image for the same seed (batched rows: within 1)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from engine.bench_concurrency import ConcurrencyRow, max_pixel_diff, run_clients  # noqa: E402 - after the path set-up
 
 
 def api_caller(url: str, body: dict) -> Callable[[int], np.ndarray]:
@@ -64,36 +54,6 @@ def ui_caller(url: str, body: dict) -> Callable[[int], np.ndarray]:
     return call
 
 
-def run(call: Callable[[int], np.ndarray], seeds: Sequence[int], clients: int) -> tuple[float, list[float], dict]:
-    """Share ``seeds`` among ``clients`` threads; (wall seconds, latencies, seed -> pixels)."""
-    todo: "queue.Queue[int]" = queue.Queue()
-    for seed in seeds:
-        todo.put(seed)
-    latencies: list[float] = []
-    images: dict[int, np.ndarray] = {}
-    lock = threading.Lock()
-
-    def client() -> None:
-        while True:
-            try:
-                seed = todo.get_nowait()
-            except queue.Empty:
-                return
-            started = time.perf_counter()
-            pixels = call(seed)
-            with lock:
-                latencies.append(time.perf_counter() - started)
-                images[seed] = pixels
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return time.perf_counter() - started, latencies, images
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:7860/")
@@ -110,28 +70,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     body = {"prompt": args.prompt, "steps": args.steps}
     seeds = list(range(args.seed, args.seed + args.requests))
     callers = {"api": api_caller, "ui": ui_caller}
-    rows: list[Row] = []
+    rows: list[ConcurrencyRow] = []
     reference: dict[int, np.ndarray] = {}
     for via in args.via.split(","):
         call = callers[via.strip()](url, body)
-        run(call, seeds[:args.warmup], 1)
+        run_clients(call, seeds[:args.warmup], 1)
         for clients in (int(c) for c in args.clients.split(",")):
-            wall, latencies, images = run(call, seeds, clients)
-            same = None
-            if reference:
-                same = max(int(np.abs(images[s].astype(int) - reference[s]).max()) for s in seeds)
-            else:
-                reference = images
-            ordered = sorted(latencies)
-            rows.append(Row(via, clients, len(seeds), round(wall, 2), round(len(seeds) / wall, 2),
-                            round(statistics.median(ordered), 3), round(ordered[int(0.95 * (len(ordered) - 1))], 3),
-                            same))
+            wall, latencies, images = run_clients(call, seeds, clients)
+            rows.append(ConcurrencyRow.measured(via, clients, wall, latencies, max_pixel_diff(images, reference)))
+            reference = reference or images
             print(f"{via:>3} x{clients}: {rows[-1].images_per_s:.2f} images/s, p50 {rows[-1].p50_s:.2f} s, "
-                  f"p95 {rows[-1].p95_s:.2f} s, max pixel difference: {same}", flush=True)
+                  f"p95 {rows[-1].p95_s:.2f} s, max pixel difference: {rows[-1].max_pixel_diff}", flush=True)
     print("\n| via | clients | requests | wall s | images/s | p50 s | p95 s | max pixel diff vs first row |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row.via} | {row.clients} | {row.requests} | {row.wall_s} | {row.images_per_s} | {row.p50_s} | "
+        print(f"| {row.label} | {row.clients} | {row.requests} | {row.wall_s} | {row.images_per_s} | {row.p50_s} | "
               f"{row.p95_s} | {'—' if row.max_pixel_diff is None else row.max_pixel_diff} |")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
