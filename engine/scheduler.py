@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Hashable, Optional, Protocol, TypeVar
@@ -84,13 +85,8 @@ class Job(Generic[T]):
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Wait up to ``timeout`` seconds; True once the job is done."""
-        try:
-            self.future.exception(timeout)
-        except TimeoutError:
-            return False
-        except Exception:  # a cancelled future: done as well
-            pass
-        return True
+        done, _ = futures.wait([self.future], timeout)
+        return bool(done)
 
     def interrupt(self) -> None:
         """Stop at the next step boundary (or before starting); ``result()`` raises ``Cancelled``."""
