@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
@@ -132,11 +133,13 @@ def _echo(request: GenerationFields) -> dict[str, Any]:
 
 
 def find_model(engine: Engine, name: str) -> str:
-    """A registry id from what A1111 clients send as ``sd_model_checkpoint``: the id, an sd-models
-    title, or the model's display title (any case)."""
-    wanted = name.strip().lower()
+    """A registry id from what A1111 clients send as ``sd_model_checkpoint``: the id or the model's
+    display title, any case, with A1111's " [hash]" suffix and a checkpoint file extension tolerated
+    ("deliberate.safetensors [9aba26abdf]" finds ``deliberate``)."""
+    wanted = re.sub(r"\s*\[[0-9a-fA-F]*\]$", "", name.strip())
+    wanted = re.sub(r"\.(safetensors|ckpt)$", "", wanted, flags=re.IGNORECASE).lower()
     for info in engine.models():
-        if wanted in (info.id.lower(), info.title.lower(), f"{info.id} [none]"):
+        if wanted in (info.id.lower(), info.title.lower()):
             return info.id
     known = ", ".join(info.id for info in engine.models())
     raise UnknownModel(f"model {name!r} not found; GET /sdapi/v1/sd-models lists them ({known})")

@@ -246,6 +246,10 @@ def test_options_switch_the_default_model_and_warm_it(api, api_engine):
     assert json.loads(one_off["info"])["sd_model_name"] == "tiny-sdxl"
     assert api.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny-sd21"
     assert api.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"}).status_code == 404
+    # a title copied from AUTOMATIC1111 (file name and short hash) finds the registry id
+    a1111_title = api.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "override_settings": {
+        "sd_model_checkpoint": "tiny-sd15.safetensors [6ce0161689]"}}).json()
+    assert json.loads(a1111_title["info"])["sd_model_name"] == "tiny-sd15"
 
 
 def test_png_info_reads_a1111_parameters_and_other_chunks(api):
