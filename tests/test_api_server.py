@@ -204,3 +204,23 @@ def test_webuiapi_with_credentials_and_interrupt_scoped_to_the_user(auth_server)
     result = alice.txt2img(prompt="x", seed=2, width=64, height=64)
     assert len(result.images) == 1 and result.info["all_seeds"] == [2]
     assert alice.interrupt() == {"interrupted": 0}  # nothing of alice's is running
+
+
+@pytest.mark.parametrize("path", [
+    "gradio_api/file=/etc/passwd", "file=/etc/passwd", "gradio_api/file=%2Fetc%2Fpasswd",
+    "gradio_api/file={outputs}/../../../../etc/passwd", "static/../../../../etc/passwd",
+    "assets/..%2F..%2F..%2Fetc%2Fpasswd", "gradio_api/file={registry}",
+])
+def test_no_route_serves_files_outside_the_outputs(ui_server, compiled_registry, path):
+    url = ui_server.url + path.format(outputs=ui_server.outputs, registry=compiled_registry.path)
+    status, _, body = http(url)
+    assert status in (403, 404) and b"root:" not in body and b"models:" not in body
+
+
+def test_saved_outputs_are_served(ui_server):
+    status, _, raw = http(ui_server.url + "sdapi/v1/txt2img", {"prompt": "x", "steps": 2, "seed": 5150,
+                                                                "save_images": True})
+    assert status == 200
+    [saved] = sorted(ui_server.outputs.glob("txt2img-images/*/*-5150.png"))
+    status, headers, body = http(ui_server.url + f"gradio_api/file={saved}")
+    assert status == 200 and body == saved.read_bytes()
