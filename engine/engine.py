@@ -300,6 +300,10 @@ class Engine:
         }
         return [run.outcome(job, timings) for job in jobs]
 
+    def batch_limit(self, model: Optional[str] = None) -> int:
+        """Images one device call makes for ``model`` (default: the default model) on this backend."""
+        return self._rows_per_call(self.registry.get(model or self.default_model))
+
     def _rows_per_call(self, spec: ModelSpec) -> int:
         """Images per pipeline call: the largest compiled batch (any number on eager, up to a setting)."""
         return spec.max_batch if self.backend.fixed_shape else self.settings.eager_max_batch

@@ -249,8 +249,7 @@ def run_job(ctx: AppContext, make_request: Callable[[], GenerateRequest], batch_
             request = make_request()
             count = reporter.count = check_batch(batch_count)
             seed = pick_seed(request.seed)
-            info = ctx.model_info(request.model or ctx.engine.default_model)
-            chunk = info.max_batch if info is not None else 1
+            chunk = ctx.engine.batch_limit(request.model)  # cheap: no artifact checks on the hot path
             for index in range(count):
                 if flag.is_set():
                     break
