@@ -41,6 +41,17 @@ def preload(engine, settings: AppSettings) -> None:  # noqa: ANN001
             print(f"Could not preload {item.model}{'@' + item.size if item.size else ''}: {exc}", flush=True)
 
 
+def engine_settings(settings: AppSettings):  # noqa: ANN201 - EngineSettings, imported lazily
+    """The engine's part of the app settings (``ValueError`` for a malformed ``--replicas`` size)."""
+    from engine import EngineSettings, ReplicaTarget, Size
+
+    replicas = tuple(ReplicaTarget(r.model, Size.parse(r.size) if r.size else None, r.count)
+                     for r in settings.replicas)
+    return EngineSettings(max_warm=settings.max_warm, workers=settings.concurrency,
+                          batch_wait_s=settings.batch_wait_ms / 1000, replicas=replicas,
+                          replicas_auto=settings.replicas_auto)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         settings = parse_settings(argv, os.environ)
@@ -55,7 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     torch.set_num_threads(settings.threads or default_threads())
 
-    from engine import Engine, EngineError, EngineSettings, load_registry
+    from engine import Engine, EngineError, load_registry
     from engine.backends import make_backend
     from engine.cli import quiet_libraries
     from engine.compile import ensure_compiled
@@ -66,13 +77,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         backend = make_backend(settings.backend)
         if settings.autocompile:
             ensure_compiled(registry, backend, registry.default_model, log=lambda line: print(line, flush=True))
-        engine = Engine(registry, backend, EngineSettings(max_warm=settings.max_warm,
-                                                             workers=settings.concurrency,
-                                                             batch_wait_s=settings.batch_wait_ms / 1000))
-    except EngineError as exc:
+        engine = Engine(registry, backend, engine_settings(settings))
+    except (EngineError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     preload(engine, settings)
+    if settings.replicas or settings.replicas_auto:
+        print(f"Warm replicas: {engine.start_replicas()}", flush=True)
 
     if settings.share_without_auth:
         print(SHARE_WARNING, file=sys.stderr, flush=True)

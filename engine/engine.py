@@ -21,7 +21,7 @@ from .pool import WarmPool
 from .registry import ModelSpec, Registry, load_registry
 from .samplers import check_sampler
 from .scheduler import Batching, CancelFlag, Job, QueueSnapshot, Scheduler
-from .types import GenerateRequest, GenerateResult, Progress, Size, VariantKey
+from .types import GenerateRequest, GenerateResult, Progress, ReplicaKey, Size, VariantKey
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,23 @@ class EngineSettings:
     batching: bool = True  # run compatible waiting requests together (models with batch_sizes)
     batch_wait_s: float = 0.0  # how long a free worker waits for compatible requests to batch
     eager_max_batch: int = 4  # images per call on the any-shape eager backend
+    replicas: tuple["ReplicaTarget", ...] = ()  # warm copies per model (default 1 each)
+    replicas_auto: bool = False  # fill the free NeuronCore pairs with replicas of the default model
+
+
+@dataclass(frozen=True)
+class ReplicaTarget:
+    """``count`` warm copies of ``model`` (at ``size``; None: at each size it is used at)."""
+
+    model: str
+    size: Optional[Size]
+    count: int
+
+    def matches(self, key: VariantKey) -> bool:
+        return self.model == key.model and self.size in (None, key.size)
+
+    def __str__(self) -> str:
+        return f"{self.model}{'@' + str(self.size) if self.size else ''}={self.count}"
 
 
 @dataclass(frozen=True)
@@ -87,9 +104,10 @@ class _Work:
 
 @dataclass(frozen=True)
 class _Load:
-    """A queued job that warms one pipeline."""
+    """A queued job that warms one pipeline (``replicas`` copies of it)."""
 
     key: VariantKey
+    replicas: int = 1
 
 
 class Engine:
@@ -108,15 +126,19 @@ class Engine:
         # each one sits, and the pool evicts by it as well as by count.
         self.core_plan: Optional[CorePlan] = (
             CorePlan(backend.core_inventory(), self._footprint) if isinstance(backend, PlacedBackend) else None)
+        for target in settings.replicas:
+            self._check_size(registry.get(target.model), target.size or registry.get(target.model).default_size)
+        self._auto_replicas: dict[VariantKey, int] = {}
         if self.core_plan is None:
-            self.pool = WarmPool(self._load_variant, settings.max_warm)
+            self.pool = WarmPool(self._load_variant, settings.max_warm, replicas=self._replica_target)
         else:
             self.pool = WarmPool(self._load_variant, settings.max_warm, on_evict=_release_device_memory,
-                                 core_plan=self.core_plan)
+                                 core_plan=self.core_plan, replicas=self._replica_target)
         self._default_model = registry.default_model
         batching = Batching(key=self._batch_key, rows=lambda work: work.request.num_images,
                             limit=self._batch_limit, wait_s=settings.batch_wait_s)
-        self.scheduler: Scheduler[Any] = Scheduler(self._execute, workers=settings.workers,
+        workers = max(settings.workers, sum(t.count for t in settings.replicas))
+        self.scheduler: Scheduler[Any] = Scheduler(self._execute, workers=workers,
                                                    batching=batching if settings.batching else None)
 
     @property
@@ -183,14 +205,15 @@ class Engine:
             "versions": self.backend.stack_versions(),
             "max_warm": self.pool.max_warm,
             "warm": [
-                {"model": i.key.model, "size": str(i.key.size or "any"), "in_use": i.in_use,
+                {"model": i.key.model, "size": str(i.key.size or "any"), "replica": i.replica, "in_use": i.in_use,
                  "load_seconds": round(i.load_seconds, 3), "device_ids": list(i.device_ids),
                  "peak_rss_mb": round(i.peak_rss_bytes / 2**20, 1), "warmup_seconds": round(i.warmup_seconds, 3),
                  **({"physical_cores": list(inventory.physical_ids(i.device_ids))} if inventory else {})}
                 for i in self.pool.snapshot()
             ],
             "loading": [
-                {"model": i.key.model, "size": str(i.key.size or "any"), "seconds": round(time.time() - i.since, 1),
+                {"model": i.key.model, "size": str(i.key.size or "any"), "replica": i.replica,
+                 "seconds": round(time.time() - i.since, 1),
                  "device_ids": list(i.device_ids)}
                 for i in self.pool.loading()
             ],
@@ -208,23 +231,51 @@ class Engine:
         """Warm ``model`` at ``size`` (default: its first resolution) without generating, and wait."""
         return self.submit_load(model, size).result()
 
-    def submit_load(self, model: str, size: Optional[Size] = None, owner: str = "") -> Job[Any]:
-        """Queue loading ``model`` at ``size``: a load uses the device, so it waits its turn in the
-        engine's queue and runs on a device worker like a generation. Bad names raise at once."""
+    def submit_load(self, model: str, size: Optional[Size] = None, owner: str = "", replicas: int = 1) -> Job[Any]:
+        """Queue loading ``model`` at ``size`` (``replicas`` warm copies, as many as fit): a load
+        uses the device, so it waits its turn in the engine's queue and runs on a device worker like
+        a generation. Bad names raise at once."""
         spec = self.registry.get(model)
         key = self._key(spec, self._check_size(spec, size or spec.default_size))
-        return self.scheduler.submit(_Load(key), owner=owner)
+        return self.scheduler.submit(_Load(key, replicas), owner=owner)
+
+    def start_replicas(self) -> dict[str, int]:
+        """Warm the configured replicas (``EngineSettings.replicas``, and with ``replicas_auto`` as
+        many copies of the default model as free NeuronCore pairs take; one on CPU/GPU) and wait.
+        Returns the warm copies per variant. A replica that fails to load is logged; the others serve."""
+        wanted: dict[VariantKey, int] = {}
+        for target in self.settings.replicas:
+            spec = self.registry.get(target.model)
+            wanted[self._key(spec, target.size or spec.default_size)] = target.count
+        if self.settings.replicas_auto and self.core_plan is not None:
+            spec = self.registry.get(self.default_model)
+            key = self._key(spec, spec.default_size)
+            self._auto_replicas[key] = len(self.core_plan.inventory.pairs())
+            wanted.setdefault(key, self._auto_replicas[key])
+        self.scheduler.ensure_workers(sum(wanted.values()))
+        jobs = {key: self.scheduler.submit(_Load(key, count), owner="startup") for key, count in wanted.items()}
+        for job in jobs.values():
+            job.wait()
+        warm = [info.key for info in self.pool.snapshot()]
+        return {str(key): warm.count(key) for key in jobs}
+
+    def _replica_target(self, key: VariantKey) -> int:
+        """How many warm copies of ``key`` the pool keeps when requests keep them all busy."""
+        for target in self.settings.replicas:
+            if target.matches(key):
+                return target.count
+        return self._auto_replicas.get(key, 1)
 
     def unload(self, model: str, size: Optional[Size] = None) -> int:
         """Drop the warm pipelines of ``model`` (one size or all) that are not in use; returns how many."""
         spec = self.registry.get(model)
-        keys = [i.key for i in self.pool.snapshot() if i.key.model == spec.id and (size is None or i.key.size in (size, None))]
+        keys = {i.key for i in self.pool.snapshot() if i.key.model == spec.id and (size is None or i.key.size in (size, None))}
         return sum(self.pool.unload(key) for key in keys)
 
     def _key(self, spec: ModelSpec, size: Size) -> VariantKey:
         return VariantKey(spec.id, size if self.backend.fixed_shape else None)
 
-    def _load_variant(self, key: VariantKey) -> WarmPipeline:
+    def _load_variant(self, key: ReplicaKey) -> WarmPipeline:
         spec = self.registry.get(key.model)
         log.info("loading %s on %s", key, self.backend.name)
         if self.backend.fixed_shape:
@@ -240,7 +291,7 @@ class Engine:
             return warm
         return load_eager(spec, self.backend)
 
-    def _footprint(self, key: VariantKey) -> Footprint:
+    def _footprint(self, key: ReplicaKey) -> Footprint:
         """Device memory of a compiled variant, from its manifest (zero if absent: loading will say why)."""
         assert key.size is not None
         directory = artifacts.variant_dir(self.registry.artifacts_dir, key.model, key.size, self.backend.name)
@@ -279,7 +330,10 @@ class Engine:
         """Run a batch from the queue (on a device worker thread): a load, or generation jobs that
         share model, size, mode, sampler, steps, CFG and strength (``_batch_key``)."""
         if isinstance(jobs[0].payload, _Load):
-            return [self.pool.ensure(jobs[0].payload.key)]
+            load: _Load = jobs[0].payload
+            if load.replicas > 1:
+                self.pool.ensure_replicas(load.key, load.replicas)
+            return [self.pool.ensure(load.key)]
         resolved: _Resolved = jobs[0].payload.resolved
         key = self._key(resolved.spec, resolved.size)
         started = time.perf_counter()
@@ -404,4 +458,4 @@ def _check_range(name: str, value: Any, low: float, high: float) -> None:
         raise InvalidRequest(f"{name} must be between {low:g} and {high:g}, got {value!r}")
 
 
-__all__ = ["Engine", "EngineSettings", "ModelInfo"]
+__all__ = ["Engine", "EngineSettings", "ModelInfo", "ReplicaTarget"]

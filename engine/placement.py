@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Mapping, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Collection, Hashable, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 from .errors import BackendUnavailable, EngineError
 from .families import is_unet
@@ -283,10 +283,14 @@ class CorePlan:
     def capacity(self) -> int:
         return self.inventory.hbm_bytes_per_core
 
-    def place(self, key: Hashable) -> Optional[Placement]:
+    def place(self, key: Hashable, apart_from: Collection[Hashable] = (),
+              avoid_pairs: Collection[int] = ()) -> Optional[Placement]:
         """Reserve room for ``key`` (idempotent); None when no pair has room right now.
 
-        Raises ``ModelTooLarge`` when the model would not fit even on an empty pair.
+        ``apart_from``: keys whose pairs ``key`` must not share (the other replicas of a model, so
+        that each replica runs on cores of its own); ``avoid_pairs``: pair indexes not to use (where
+        a replica failed to load). Raises ``ModelTooLarge`` when the model would
+        not fit even on an empty pair.
         """
         with self._lock:
             if key in self._placements:
@@ -294,7 +298,10 @@ class CorePlan:
             footprint = self._footprint_of(key)
             if footprint.home_core_bytes > self.capacity:
                 raise ModelTooLarge(self._too_large_message(key, footprint))
+            taken = {self._placements[k].pair_index for k in apart_from if k in self._placements} | set(avoid_pairs)
             for index, pair in enumerate(self.inventory.pairs()):
+                if index in taken:
+                    continue
                 used = self._used_locked()
                 # Prefer as home the core with more room left, so models sharing a pair alternate homes.
                 for home, other in sorted((pair, pair[::-1]), key=lambda order: used[order[0]]):

@@ -171,6 +171,15 @@ class Scheduler(Generic[T]):
     def workers(self) -> int:
         return len(self._threads)
 
+    def ensure_workers(self, count: int) -> None:
+        """Start more worker threads until there are at least ``count`` (e.g. one per replica)."""
+        with self._condition:
+            while len(self._threads) < count and not self._closed:
+                thread = threading.Thread(target=self._work, name=f"{self.name}-worker-{len(self._threads)}",
+                                          daemon=True)
+                self._threads.append(thread)
+                thread.start()
+
     def submit(self, payload: Any, owner: str = "", cancel: Optional[CancelFlag] = None) -> Job[T]:
         """Queue ``payload`` for ``owner`` (who may interrupt it); returns at once."""
         with self._condition:

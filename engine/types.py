@@ -46,6 +46,25 @@ class VariantKey:
 
 
 @dataclass(frozen=True)
+class ReplicaKey:
+    """One warm copy of a variant: the pool may hold several (``index`` 0, 1, ...) on disjoint cores."""
+
+    variant: VariantKey
+    index: int = 0
+
+    @property
+    def model(self) -> str:
+        return self.variant.model
+
+    @property
+    def size(self) -> Optional[Size]:
+        return self.variant.size
+
+    def __str__(self) -> str:
+        return str(self.variant) if self.index == 0 else f"{self.variant} (replica {self.index + 1})"
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
     """Everything one generation needs. ``None`` fields take the model's registry defaults.
 

@@ -18,7 +18,7 @@ PY="$VENV/bin/python"
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install --quiet "torch==2.13.0"
 fi
-stamp="$VENV/.installed-$(cat "$requirements" requirements.txt | sha256sum | cut -c1-16)"
+stamp="$VENV/.installed-$(cat "$requirements" requirements.txt requirements-ray.txt | sha256sum | cut -c1-16)"
 if [[ ! -f "$stamp" ]]; then
   "$PY" -m pip install --quiet -r "$requirements"
   touch "$stamp"

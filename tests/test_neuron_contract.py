@@ -24,7 +24,7 @@ from PIL import Image
 
 import neuron_recorder
 from engine import (ArtifactMismatch, BackendUnavailable, CompileError, Engine, EngineSettings, GenerateRequest,
-                    Size)
+                    ReplicaTarget, Size)
 from engine.backends import make_backend
 from engine.backends.neuron import NeuronBackend, compiler_args, neuron_attention
 from engine.compile import compile_all, compile_variant, plan
@@ -337,6 +337,69 @@ def test_recorded_generate_matches_the_cpu_backend(recorded, cpu_engine, model, 
     assert np.abs(pixels(neuron_image.image) - pixels(cpu_image.image)).max() <= 1
     assert "Backend: neuron" in neuron_image.infotext
     assert Image.open(io.BytesIO(neuron_image.png)).size == (64, 64)
+
+
+# --- replicas on a simulated inf2.48xlarge --------------------------------------------------------------
+
+
+def inf2_48xlarge() -> NeuronBackend:
+    return NeuronBackend(inventory=CoreInventory(tuple(range(24)), 16 * GIB, "test: inf2.48xlarge-like"))
+
+
+def calls_per_replica(recorder) -> dict[tuple[int, ...], int]:
+    return {tuple(dp.device_ids): len(dp.chunk_shapes) for dp in recorder.data_parallels}
+
+
+def test_recorded_twelve_replicas_on_disjoint_pairs_share_the_requests(recorded):
+    """--replicas tiny-sd15=12 on 24 cores (RECORDING stand-in): one replica per pair, each UNet
+    DataParallel over its own two cores, and a burst of requests runs on every replica."""
+    recorder = recorded.recorder
+    recorder.reset()
+    engine = Engine(recorded.registry, inf2_48xlarge(),
+                    EngineSettings(replicas=(ReplicaTarget("tiny-sd15", None, 12),)))
+    try:
+        assert engine.start_replicas() == {"tiny-sd15@64x64": 12}
+        assert sorted(dp.device_ids[0] // 2 for dp in recorder.data_parallels) == list(range(12))
+        assert all(sorted(dp.device_ids) == [dp.device_ids[0] // 2 * 2, dp.device_ids[0] // 2 * 2 + 1]
+                   for dp in recorder.data_parallels)
+        assert engine.scheduler.workers >= 12
+        before = calls_per_replica(recorder)
+        jobs = [engine.submit(GenerateRequest(model="tiny-sd15", prompt="p", seed=i, steps=2)) for i in range(24)]
+        for job in jobs:
+            job.result(timeout=120)
+        used = {cores for cores, calls in calls_per_replica(recorder).items() if calls > before[cores]}
+        assert len(used) == 12, f"requests ran on {len(used)} of 12 replicas"
+        warm = engine.status()["warm"]
+        assert sorted(w["replica"] for w in warm) == list(range(12))
+        assert sorted(tuple(w["physical_cores"]) for w in warm) == sorted(
+            tuple(sorted(dp.device_ids)) for dp in recorder.data_parallels)
+    finally:
+        engine.close()
+
+
+def test_recorded_a_replica_that_fails_to_load_leaves_the_others_serving(recorded, monkeypatch):
+    """The replica on cores 6-7 fails to load (RECORDING stand-in): eleven warm, requests still answered."""
+    import engine.engine as engine_module
+
+    real_load = engine_module.load_compiled
+
+    def load_failing_on_core_6(registry, spec, size, backend, device_ids=()):
+        if tuple(device_ids)[:1] == (6,):
+            raise RuntimeError("NRT: failed to load the NEFF on NeuronCore 6")
+        return real_load(registry, spec, size, backend, device_ids)
+
+    monkeypatch.setattr(engine_module, "load_compiled", load_failing_on_core_6)
+    recorded.recorder.reset()
+    engine = Engine(recorded.registry, inf2_48xlarge(),
+                    EngineSettings(replicas=(ReplicaTarget("tiny-sd15", None, 12),)))
+    try:
+        assert engine.start_replicas() == {"tiny-sd15@64x64": 11}
+        assert 6 not in {core for w in engine.status()["warm"] for core in w["device_ids"]}
+        jobs = [engine.submit(GenerateRequest(model="tiny-sd15", prompt="p", seed=i, steps=2)) for i in range(12)]
+        assert all(len(job.result(timeout=120).images) == 1 for job in jobs)
+        assert engine.status()["loading"] == [] and len(engine.status()["warm"]) == 11
+    finally:
+        engine.close()
 
 
 # --- refusing what cannot run ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from engine.errors import BackendUnavailable
 from engine.placement import (GIB, CoreInventory, CorePlan, CoresBusy, Footprint, ModelTooLarge, discover_cores,
                               footprint_from_manifest, parse_core_list)
 from engine.pool import WarmPool
-from engine.types import Size, VariantKey
+from engine.types import ReplicaKey, Size, VariantKey
 
 # Sizes of real artifacts, roughly: what the plan is for.
 SD21_FP32 = Footprint(unet_bytes=int(3.5 * GIB), other_bytes=int(1.6 * GIB))  # home core 5.1 GiB
@@ -201,7 +201,7 @@ def test_leased_models_are_never_evicted_for_room():
     with pool.lease(key("a")):
         with pytest.raises(CoresBusy, match="no NeuronCore pair has room for b@512x512 while a@512x512 is in use"):
             use(pool, "b")
-    assert evictions == [] and plan.placement(key("b")) is None
+    assert evictions == [] and plan.placement(ReplicaKey(key("b"))) is None
     use(pool, "b")  # once a is released it can go
     assert evictions == ["a"]
 
@@ -223,7 +223,7 @@ def test_failed_load_releases_its_cores():
     pool = WarmPool(loader, 2, core_plan=plan)
     with pytest.raises(RuntimeError):
         use(pool, "a")
-    assert plan.placement(key("a")) is None and plan.used_bytes() == {0: 0, 1: 0}
+    assert plan.placement(ReplicaKey(key("a"))) is None and plan.used_bytes() == {0: 0, 1: 0}
     assert pool.loading() == []
 
 
@@ -231,11 +231,42 @@ def test_unload_frees_the_cores():
     pool, plan, loads, evictions = make_pool(2, {"a": SDXL_FP32})
     use(pool, "a")
     assert plan.used_bytes()[0] > 0
-    assert pool.unload(key("a")) is True
+    assert pool.unload(key("a")) == 1
     assert plan.used_bytes() == {0: 0, 1: 0}
 
 
 def test_count_limit_still_applies():
     pool, plan, loads, evictions = make_pool(24, {n: SD21_FP32 for n in "abc"}, max_warm=2)
     use(pool, "a", "b", "c")
-    assert evictions == ["a"] and plan.placement(key("a")) is None
+    assert evictions == ["a"] and plan.placement(ReplicaKey(key("a"))) is None
+
+
+# --- replicas of one model on disjoint pairs -------------------------------------------------------------
+
+
+def test_replicas_go_to_pairs_of_their_own_even_when_one_pair_has_room():
+    """Two SD2.1 models share a pair, but two *replicas* of one never do: each needs its own cores."""
+    pool, plan, loads, evictions = make_pool(24, {"a": SD21_FP32, "b": SD21_FP32})
+    use(pool, "a")
+    assert pool.ensure_replicas(key("a"), 12) == 12
+    pairs = sorted(i.device_ids for i in pool.snapshot())
+    assert len({frozenset(p) for p in pairs}) == 12 and sorted(c for p in pairs for c in p) == list(range(24))
+    assert sorted(i.replica for i in pool.snapshot()) == list(range(12))
+    use(pool, "b")  # another model still shares a pair with a replica
+    assert evictions == [] and len(pool.snapshot()) == 13
+
+
+def test_replicas_stop_where_the_cores_end_and_the_rest_keep_serving():
+    pool, plan, loads, evictions = make_pool(6, {"a": SDXL_FP32, "b": SDXL_FP32})
+    use(pool, "b")
+    assert pool.ensure_replicas(key("a"), 12) == 2  # b holds one of the three pairs; nothing is evicted
+    assert evictions == [] and {i.key.model for i in pool.snapshot()} == {"a", "b"}
+
+
+def test_evicting_a_model_drops_all_its_idle_replicas_and_frees_their_cores():
+    pool, plan, loads, evictions = make_pool(4, {"a": SDXL_FP32, "b": SDXL_FP32}, max_warm=1)
+    pool.ensure_replicas(key("a"), 2)
+    assert len(pool.snapshot()) == 2  # max_warm counts models, not replicas
+    use(pool, "b")
+    assert evictions == ["a", "a"] and [i.key.model for i in pool.snapshot()] == ["b"]
+    assert plan.placement(ReplicaKey(key("a"), 1)) is None

@@ -83,6 +83,71 @@ def test_concurrent_requests_load_once():
 def test_unload_refuses_in_use():
     pool, _, _ = make_pool(2)
     with pool.lease(key("a")):
-        assert pool.unload(key("a")) is False
-    assert pool.unload(key("a")) is True
+        assert pool.unload(key("a")) == 0
+    assert pool.unload(key("a")) == 1
     assert pool.snapshot() == []
+
+
+# --- replicas ------------------------------------------------------------------------------------------
+
+
+def hold_leases(pool, keys, count):
+    """``count`` threads each lease ``keys`` at once and hold them; returns (leased pipelines, release)."""
+    leased, release, ready = [], threading.Event(), threading.Barrier(count + 1)
+
+    def worker(k):
+        with pool.lease(k) as warm:
+            leased.append(warm)
+            ready.wait()
+            release.wait()
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in keys[:count]]
+    for t in threads:
+        t.start()
+    ready.wait()
+    return leased, lambda: (release.set(), [t.join() for t in threads])
+
+
+def test_busy_replicas_make_the_pool_load_another_up_to_the_target():
+    loads = []
+    pool = WarmPool(lambda r: loads.append(r) or Record(r), max_warm=1, replicas=lambda k: 2)
+    with pool.lease(key("a")) as first:
+        with pool.lease(key("a")) as second:
+            assert second is not first  # the first is busy: a second replica is loaded
+            with pool.lease(key("a")) as third:
+                assert third in (first, second)  # the target is 2: the third shares
+    assert [r.index for r in loads] == [0, 1]
+    assert sorted(i.replica for i in pool.snapshot()) == [0, 1]
+    with pool.lease(key("a")) as again:  # an idle replica is reused; nothing loads
+        assert again in (first, second) and len(loads) == 2
+
+
+def test_concurrent_requests_spread_over_the_replicas():
+    pool = WarmPool(lambda r: Record(r), max_warm=1, replicas=lambda k: 3)
+    pool.ensure_replicas(key("a"), 3)
+    leased, release = hold_leases(pool, [key("a")] * 3, 3)
+    try:
+        assert len({id(w) for w in leased}) == 3
+        assert all(i.in_use for i in pool.snapshot())
+    finally:
+        release()
+
+
+def test_a_replica_that_fails_to_load_leaves_the_others_serving():
+    attempts = []
+
+    def loader(r):
+        attempts.append(r.index)
+        if r.index == 1:
+            raise RuntimeError("replica 1 is broken")
+        return Record(r)
+
+    pool = WarmPool(loader, max_warm=1, replicas=lambda k: 2)
+    with pool.lease(key("a")) as first:
+        with pool.lease(key("a")) as second:  # the extra load fails: share the warm one
+            assert second is first
+        with pool.lease(key("a")) as third:  # and it is not retried on every request
+            assert third is first
+    assert attempts == [0, 1] and [i.replica for i in pool.snapshot()] == [0]
+    assert pool.loading() == []
+    assert pool.ensure_replicas(key("a"), 2) == 1 and attempts == [0, 1, 1, 1]  # asked again: tried (twice) again

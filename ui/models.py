@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
@@ -57,10 +58,13 @@ def status_markdown(ctx: AppContext) -> str:
         cores = sorted({core for warm in status["warm"] for core in warm.get("device_ids", [])})
         head += f" · **NeuronCores in use** {', '.join(map(str, cores)) or 'none'}"
     items = []
+    replicas = Counter((warm["model"], warm["size"]) for warm in status["warm"])
     for warm in status["warm"]:
         devices = f" on NeuronCores {', '.join(map(str, warm['device_ids']))}" if warm.get("device_ids") else ""
-        busy = " (generating)" if warm["in_use"] else ""
-        items.append(f"- 🔥 `{warm['model']}` @ {warm['size']}{devices}, loaded in {warm['load_seconds']:.1f} s{busy}")
+        busy = " (generating)" if warm["in_use"] else " (idle)"
+        replica = f" replica {warm['replica'] + 1}" if replicas[(warm["model"], warm["size"])] > 1 else ""
+        items.append(f"- 🔥 `{warm['model']}` @ {warm['size']}{replica}{devices}, loaded in "
+                     f"{warm['load_seconds']:.1f} s{busy}")
     versions = ", ".join(f"{k} {v}" for k, v in sorted(status.get("versions", {}).items()))
     parts = [head, "\n".join(items) if items else "Nothing is warm: the first generation loads its model."]
     if versions:

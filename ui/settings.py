@@ -19,6 +19,10 @@ flag                       environment         default
 ``--outputs DIR``          ``SD_OUTPUTS``      ``outputs/``
 ``--threads N``            ``SD_THREADS``      every core but one (at least 1)
 ``--concurrency N``        ``SD_CONCURRENCY``  1 (device workers: generations at once)
+``--replicas M[@WxH]=N``   ``SD_REPLICAS``     1 per model (repeatable; env comma separated; ``auto``:
+                                               fill the free NeuronCore pairs with the default model)
+``--ray [ADDRESS]``        ``SD_RAY``          off; on: Ray Serve (``SD_RAY=1`` or an address; a bare
+                                               ``--ray`` joins ``RAY_ADDRESS`` when set, else starts one)
 ``--batch-wait-ms MS``     ``SD_BATCH_WAIT_MS``  5 (a free worker waits this long for requests to batch)
 ``--no-autocompile``       ``SD_AUTOCOMPILE=0``  compile the default model when missing
 ``--api/--no-api``         ``SD_API=0``        on: /sdapi/v1, /ping, /invocations, /docs
@@ -56,6 +60,18 @@ class Preload:
 
 
 @dataclass(frozen=True)
+class Replicas:
+    """``count`` warm copies of ``model`` (at ``size``; None: every size it serves)."""
+
+    model: str
+    size: Optional[str]
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.model}{'@' + self.size if self.size else ''}={self.count}"
+
+
+@dataclass(frozen=True)
 class AppSettings:
     """Everything the app is configured with. Built by ``parse_settings``; passed down, never global."""
 
@@ -71,6 +87,9 @@ class AppSettings:
     outputs: Path = Path("outputs")
     threads: Optional[int] = None
     concurrency: int = 1
+    replicas: tuple[Replicas, ...] = ()
+    replicas_auto: bool = False
+    ray: Optional[str] = None  # None: no Ray; "": a local cluster (or RAY_ADDRESS); else the address to join
     batch_wait_ms: int = 5
     autocompile: bool = True
     api: bool = True
@@ -86,6 +105,7 @@ class AppSettings:
         flags = {name: (str(value) if isinstance(value, Path) else value) for name, value in vars(self).items()}
         flags["auth"] = [user for user, _ in self.auth]
         flags["preload"] = [f"{p.model}@{p.size}" if p.size else p.model for p in self.preload]
+        flags["replicas"] = ["auto"] * self.replicas_auto + [str(r) for r in self.replicas]
         return flags
 
 
@@ -126,6 +146,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--outputs", type=Path, default=Path(env("SD_OUTPUTS", "outputs")),
                    help="every generated PNG is saved here [SD_OUTPUTS]")
     p.add_argument("--threads", default=env("SD_THREADS"), help="torch intra-op threads (default: every core but one) [SD_THREADS]")
+    p.add_argument("--replicas", action="append", default=None, metavar="MODEL[@WxH]=N|auto",
+                   help="warm copies of a model, each on its own NeuronCore pair (repeatable); auto: fill the "
+                        "free pairs with the default model [SD_REPLICAS, comma separated]")
+    p.add_argument("--ray", nargs="?", const="", default=env("SD_RAY"), metavar="ADDRESS",
+                   help="serve on a Ray Serve cluster: start a local one, or join ADDRESS / RAY_ADDRESS "
+                        "(needs requirements-ray.txt; see docs/scaling.md) [SD_RAY]")
     p.add_argument("--concurrency", default=env("SD_CONCURRENCY", "1"),
                    help="generations running at once on the device; others wait in the queue [SD_CONCURRENCY]")
     p.add_argument("--batch-wait-ms", default=env("SD_BATCH_WAIT_MS", "5"),
@@ -184,6 +210,21 @@ def _parse_preload(text: str) -> tuple[Preload, ...]:
     return tuple(items)
 
 
+def _parse_replicas(texts: Sequence[str]) -> tuple[tuple[Replicas, ...], bool]:
+    """``["sd15=2", "sdxl@1024x1024=1"]`` -> Replicas; ``auto`` may stand among them."""
+    items, auto = [], False
+    for text in (t.strip() for t in texts):
+        if text == "auto":
+            auto = True
+            continue
+        target, sep, count = text.rpartition("=")
+        model, _, size = target.partition("@")
+        if not sep or not model.strip():
+            raise SettingsError(f"--replicas {text!r}: write MODEL=N or MODEL@WxH=N (or auto), e.g. --replicas sd15=2")
+        items.append(Replicas(model.strip(), size.strip() or None, _positive_int(f"--replicas {text}", count)))
+    return tuple(items), auto
+
+
 def parse_settings(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> AppSettings:
     """Flags and environment → ``AppSettings``; raises ``SettingsError`` naming the bad value."""
     args = build_parser(environ).parse_args(argv)
@@ -195,6 +236,8 @@ def parse_settings(argv: Optional[Sequence[str]], environ: Mapping[str, str]) ->
         raise SettingsError("--share makes this machine reachable by anyone with the link: add --auth USER:PASS "
                             "or --auth-file FILE (or --insecure-share to share it open on purpose)")
     threads = _positive_int("--threads", args.threads) if args.threads not in (None, "") else None
+    replica_texts = args.replicas if args.replicas is not None else environ.get("SD_REPLICAS", "").split(",")
+    replicas, replicas_auto = _parse_replicas([t for t in replica_texts if t.strip()])
     registry, host, port = Path(args.registry), args.host, args.port
     if args.sagemaker:
         host, port = "0.0.0.0", environ.get("SAGEMAKER_BIND_TO_PORT", str(SAGEMAKER_PORT))
@@ -214,6 +257,9 @@ def parse_settings(argv: Optional[Sequence[str]], environ: Mapping[str, str]) ->
         outputs=Path(args.outputs),
         threads=threads,
         concurrency=_positive_int("--concurrency", args.concurrency),
+        replicas=replicas,
+        replicas_auto=replicas_auto,
+        ray="" if args.ray is not None and (args.ray == "local" or _truthy(args.ray)) else args.ray,
         batch_wait_ms=_positive_int("--batch-wait-ms", args.batch_wait_ms, minimum=0),
         # An endpoint must not compile at start (it takes longer than SageMaker's health check
         # allows): with --sagemaker only an explicit SD_AUTOCOMPILE=1 turns it on.
