@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from engine import ReplicaTarget, Size
 from engine.infotext import parse_infotext
-from ui.settings import SHARE_WARNING, AppSettings, Preload, SettingsError, parse_settings
+from ui.settings import SHARE_WARNING, AppSettings, Preload, Replicas, SettingsError, parse_settings
 
 pytest_plugins = ["ui_server"]
 
@@ -190,8 +191,34 @@ def test_settings_defaults_and_share_warning():
     assert settings.share_without_auth and "anyone with the public link" in SHARE_WARNING
 
 
+def test_replica_and_ray_settings():
+    settings = parse_settings(["--replicas", "sd15=2", "--replicas", "sdxl@1024x1024=3", "--replicas", "auto"], {})
+    assert settings.replicas == (Replicas("sd15", None, 2), Replicas("sdxl", "1024x1024", 3))
+    assert settings.replicas_auto and settings.ray is None
+    assert settings.public_flags()["replicas"] == ["auto", "sd15=2", "sdxl@1024x1024=3"]
+    from_env = parse_settings([], {"SD_REPLICAS": "sd15=2, auto", "SD_RAY": "1"})
+    assert from_env.replicas == (Replicas("sd15", None, 2),) and from_env.replicas_auto and from_env.ray == ""
+    assert parse_settings(["--ray"], {}).ray == ""
+    assert parse_settings(["--ray", "ray://head:10001"], {}).ray == "ray://head:10001"
+
+
+def test_replicas_reach_the_engine_and_bad_names_are_refused(compiled_registry, capsys, monkeypatch):
+    import torch
+
+    import app
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # main() sets the process's threads
+
+    settings = parse_settings(["--registry", str(compiled_registry.path), "--replicas", "tiny-sd15@64x64=2"], {})
+    assert app.engine_settings(settings).replicas == (ReplicaTarget("tiny-sd15", Size(64, 64), 2),)
+    assert app.main(["--registry", str(compiled_registry.path), "--replicas", "no-such-model=2", "--no-autocompile"]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--auth", "nopassword"], "expected USER:PASS"),
+    (["--replicas", "sd15"], "write MODEL=N or MODEL@WxH=N"),
+    (["--replicas", "sd15=0"], "must be at least 1"),
     (["--max-warm", "0"], "--max-warm must be at least 1"),
     (["--port", "http"], "--port must be an integer"),
     (["--auth-file", "/nonexistent/users"], "cannot read it"),
