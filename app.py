@@ -77,6 +77,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         backend = make_backend(settings.backend)
         if settings.autocompile:
             ensure_compiled(registry, backend, registry.default_model, log=lambda line: print(line, flush=True))
+        if settings.ray is not None:
+            return run_on_ray(settings, list(argv if argv is not None else sys.argv[1:]))
         engine = Engine(registry, backend, engine_settings(settings))
     except (EngineError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -96,6 +98,55 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         serve(server_app, settings)
     finally:
         engine.close()
+    return 0
+
+
+def serve_options(settings: AppSettings, argv: Sequence[str] = ()):  # noqa: ANN201 - serve.config.ServeOptions
+    """What the Ray deployments need: the registry, the replicas' backend (resolved here), the
+    models compiled for it (only those are deployed) and the app's own flags for the ingress."""
+    from engine import load_registry
+    from engine.backends import make_backend
+    from engine.compile import plan
+    from serve.config import ServeOptions
+
+    registry = load_registry(settings.registry)
+    backend = make_backend(settings.backend)
+    ready = {row.spec.id for row in plan(registry, backend)
+             if row.size == row.spec.default_size and row.status.state == "compiled"}
+    models = tuple(spec.id for spec in registry.models if spec.id in ready or not backend.fixed_shape)
+    flags = [*without_ray_flag(argv), "--registry", str(registry.path.resolve()),
+             "--outputs", str(settings.outputs.resolve()), "--backend", backend.name]
+    return ServeOptions(registry=str(registry.path.resolve()), backend=backend.name, threads=settings.threads or 1,
+                        batch_wait_s=settings.batch_wait_ms / 1000, models=models,
+                        replicas={r.model: r.count for r in settings.replicas}, app_flags=tuple(flags))
+
+
+def without_ray_flag(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``--ray [ADDRESS]`` (the ingress runs the plain app)."""
+    out, skip = [], False
+    for index, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg == "--ray":
+            skip = index + 1 < len(argv) and not argv[index + 1].startswith("-")
+            continue
+        if not arg.startswith("--ray="):
+            out.append(arg)
+    return out
+
+
+def run_on_ray(settings: AppSettings, argv: Sequence[str]) -> int:
+    """``--ray``: deploy the app on a Ray Serve cluster and block until Ctrl+C."""
+    try:
+        from serve.deployments import run
+    except ImportError as exc:
+        print(f"error: --ray needs Ray Serve ({exc}); install it with `pip install -r requirements-ray.txt`",
+              file=sys.stderr)
+        return 2
+    options = serve_options(settings, argv)
+    print(f"Deploying {', '.join(options.models) or 'no model'} on Ray Serve ({options.backend} replicas)", flush=True)
+    run(options, settings.ray or None, settings.host, settings.port)
     return 0
 
 

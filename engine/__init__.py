@@ -2,7 +2,7 @@
 from .engine import Engine, EngineSettings, ModelInfo, ReplicaTarget
 from .errors import (ArtifactMismatch, ArtifactMissing, BackendUnavailable, Cancelled, CompileError, EngineError,
                      InvalidRequest, ModelLoadError, RegistryError, UnknownModel, UnknownSampler,
-                     UnsupportedResolution)
+                     ReplicaUnavailable, UnsupportedResolution)
 from .outputs import OutputStore
 from .registry import Registry, load_registry
 from .scheduler import Job, QueueSnapshot
@@ -12,5 +12,5 @@ __all__ = [
     "Engine", "EngineSettings", "ModelInfo", "ReplicaTarget", "Registry", "load_registry", "Job", "QueueSnapshot", "OutputStore",
     "GenerateRequest", "GenerateResult", "GeneratedImage", "Progress", "Size", "VariantKey",
     "EngineError", "RegistryError", "UnknownModel", "UnsupportedResolution", "InvalidRequest", "UnknownSampler",
-    "ArtifactMissing", "ArtifactMismatch", "BackendUnavailable", "ModelLoadError", "CompileError", "Cancelled",
+    "ArtifactMissing", "ArtifactMismatch", "BackendUnavailable", "ReplicaUnavailable", "ModelLoadError", "CompileError", "Cancelled",
 ]

@@ -175,8 +175,11 @@ class Engine:
     # --- models and warm pipelines -------------------------------------------------------------
 
     def models(self) -> list[ModelInfo]:
-        warm = {info.key for info in self.pool.snapshot()}
+        warm = self._warm_keys()
         return [self._model_info(spec, warm) for spec in self.registry.models]
+
+    def _warm_keys(self) -> set[VariantKey]:
+        return {info.key for info in self.pool.snapshot()}
 
     def _model_info(self, spec: ModelSpec, warm: set[VariantKey]) -> ModelInfo:
         if self.backend.fixed_shape:
@@ -317,6 +320,26 @@ class Engine:
         ``on_progress`` is called on the worker thread at every step."""
         work = _Work(request, self._resolve(request), on_progress)
         return self.scheduler.submit(work, owner=owner, cancel=cancel)
+
+    def add_job_listener(self, listener: Callable[[Job[Any]], None]) -> None:
+        """Call ``listener(job)`` when each queued job (generation or load) has its outcome."""
+        self.scheduler.add_listener(listener)
+
+    @staticmethod
+    def job_model(job: Job[Any]) -> str:
+        """The model id a queued job is for (its request's, or the one it loads)."""
+        payload = job.payload
+        return payload.resolved.spec.id if isinstance(payload, _Work) else payload.key.model
+
+    @staticmethod
+    def is_load_job(job: Job[Any]) -> bool:
+        """Whether a queued job warms a model (``load``) rather than generating."""
+        return isinstance(job.payload, _Load)
+
+    @staticmethod
+    def job_images(job: Job[Any]) -> int:
+        """Images a job was asked for (0 for a load)."""
+        return job.payload.request.num_images if isinstance(job.payload, _Work) else 0
 
     def interrupt(self, owner: str) -> int:
         """Interrupt ``owner``'s running and queued jobs; returns how many."""

@@ -53,3 +53,7 @@ class Cancelled(EngineError):
     def __init__(self, message: str = "interrupted", images: tuple = ()):
         super().__init__(message)
         self.images = tuple(images)
+
+
+class ReplicaUnavailable(BackendUnavailable):
+    """The replica running a request went away (Ray Serve restarts it); the request may be retried."""

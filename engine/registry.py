@@ -60,6 +60,19 @@ class Defaults:
 
 
 @dataclass(frozen=True)
+class Scaling:
+    """Replicas of a model under Ray Serve (``python app.py --ray``): Serve's autoscaling between
+    ``min_replicas`` (0: scale to zero when idle) and ``max_replicas``, aiming at
+    ``target_ongoing_requests`` per replica; ``idle_s``: how long a replica may sit idle before
+    Serve scales down."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 2.0
+    idle_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     id: str
     title: str
@@ -70,6 +83,7 @@ class ModelSpec:
     defaults: Defaults
     # Requests per compiled UNet call (each a CFG pair): 1 always, more to batch concurrent requests.
     batch_sizes: tuple[int, ...] = (1,)
+    scaling: Scaling = Scaling()
 
     @property
     def default_size(self) -> Size:
@@ -174,6 +188,7 @@ def _parse_model(check: _Checker, raw: Any, index: int) -> ModelSpec:
         resolutions=_parse_resolutions(check, model_id, raw.get("resolutions")),
         defaults=_parse_defaults(check, model_id, raw.get("defaults", {})),
         batch_sizes=_parse_batch_sizes(check, model_id, raw.get("batch_sizes", [1])),
+        scaling=_parse_scaling(check, model_id, raw.get("scaling", {})),
     )
 
 
@@ -254,3 +269,28 @@ def _parse_defaults(check: _Checker, model_id: str, raw: Any) -> Defaults:
     if not isinstance(cfg, (int, float)) or not 1 <= cfg <= 30:
         raise check.fail(model_id, "defaults.cfg_scale", "a number from 1 to 30", cfg)
     return Defaults(sampler=sampler, steps=steps, cfg_scale=float(cfg))
+
+
+def _parse_scaling(check: _Checker, model_id: str, raw: Any) -> Scaling:
+    if not isinstance(raw, dict):
+        raise check.fail(model_id, "scaling", "a mapping of min_replicas, max_replicas, target_ongoing_requests, idle_s",
+                         raw)
+    unknown = sorted(set(raw) - {"min_replicas", "max_replicas", "target_ongoing_requests", "idle_s"})
+    if unknown:
+        raise check.fail(model_id, f"scaling.{unknown[0]}",
+                         "one of min_replicas, max_replicas, target_ongoing_requests, idle_s", unknown[0])
+    base = Scaling()
+    low, high = raw.get("min_replicas", base.min_replicas), raw.get("max_replicas", None)
+    if not isinstance(low, int) or isinstance(low, bool) or not 0 <= low <= 1000:
+        raise check.fail(model_id, "scaling.min_replicas", "a whole number from 0 (scale to zero) to 1000", low)
+    high = max(low, 1) if high is None else high
+    if not isinstance(high, int) or isinstance(high, bool) or not max(low, 1) <= high <= 1000:
+        raise check.fail(model_id, "scaling.max_replicas", f"a whole number from {max(low, 1)} (min_replicas) to 1000",
+                         high)
+    target = raw.get("target_ongoing_requests", base.target_ongoing_requests)
+    if not isinstance(target, (int, float)) or isinstance(target, bool) or not 0 < target <= 64:
+        raise check.fail(model_id, "scaling.target_ongoing_requests", "a number above 0 and at most 64", target)
+    idle = raw.get("idle_s", base.idle_s)
+    if not isinstance(idle, (int, float)) or isinstance(idle, bool) or not 0 <= idle <= 86400:
+        raise check.fail(model_id, "scaling.idle_s", "seconds from 0 to 86400", idle)
+    return Scaling(low, high, float(target), float(idle))

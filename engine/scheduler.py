@@ -161,6 +161,7 @@ class Scheduler(Generic[T]):
         self._running: list[Job[T]] = []
         self._numbers = itertools.count(1)
         self._closed = False
+        self._listeners: list[Callable[[Job[T]], None]] = []
         self.name = name
         self._threads = [threading.Thread(target=self._work, name=f"{name}-worker-{i}", daemon=True)
                          for i in range(workers)]
@@ -170,6 +171,11 @@ class Scheduler(Generic[T]):
     @property
     def workers(self) -> int:
         return len(self._threads)
+
+    def add_listener(self, listener: Callable[[Job[T]], None]) -> None:
+        """Call ``listener(job)`` on the worker thread once each job has its outcome (for metrics).
+        A listener that raises is logged and ignored."""
+        self._listeners.append(listener)
 
     def ensure_workers(self, count: int) -> None:
         """Start more worker threads until there are at least ``count`` (e.g. one per replica)."""
@@ -287,6 +293,15 @@ class Scheduler(Generic[T]):
                     job.future.set_exception(outcome)
                 else:
                     job.future.set_result(outcome)
+            self._notify(batch)
+
+    def _notify(self, batch: list[Job[T]]) -> None:
+        for job in batch:
+            for listener in self._listeners:
+                try:
+                    listener(job)
+                except Exception:
+                    log.exception("a job listener failed")
 
 
 __all__ = ["Scheduler", "Job", "QueueSnapshot", "CancelFlag", "Batching"]
