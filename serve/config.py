@@ -80,7 +80,10 @@ def model_deployment_options(spec: Any, options: ServeOptions, default: bool) ->
             "initial_replicas": max(scaling.min_replicas, 1) if default else None,
             "max_replicas": scaling.max_replicas,
             "target_ongoing_requests": scaling.target_ongoing_requests,
-            "upscale_delay_s": 3.0,
+            # react to a burst within seconds (image requests are long; Serve's defaults suit short ones)
+            "metrics_interval_s": 2.0,
+            "look_back_period_s": 10.0,
+            "upscale_delay_s": 2.0,
             "downscale_delay_s": scaling.idle_s,
         }
         deployment["autoscaling_config"] = {k: v for k, v in deployment["autoscaling_config"].items() if v is not None}

@@ -157,9 +157,17 @@ def run(options: ServeOptions, address: Optional[str], host: str, port: int, blo
     print(f"* Running on local URL:  http://{shown}:{port}  (Ray Serve application {APP_NAME!r})", flush=True)
     if not blocking:
         return handle
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # a service manager's stop: shut Serve down as Ctrl+C does
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        print("Shutting down Ray Serve", flush=True)
         serve.shutdown()
+        ray.shutdown()
     return None
