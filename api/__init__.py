@@ -3,7 +3,7 @@
 ``create_api(engine, ...)`` returns the FastAPI app that ``app.py`` serves, with the Gradio UI
 mounted into it at ``/`` (one server, one port, one engine queue). The OpenAPI schema at
 ``/openapi.json`` (and Swagger UI at ``/docs``) is generated from ``api.schemas``; like every
-route but ``/ping``, it needs credentials when auth is on.
+route but ``/ping``, it needs credentials when auth is on. ``/metrics`` is Prometheus text.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from engine import Engine, OutputStore
 
-from . import sagemaker, sdapi
+from . import metrics, sagemaker, sdapi
 from .auth import Credentials, require_user
 from .errors import install_error_handlers
 from .service import ApiContext
@@ -37,6 +37,7 @@ def create_api(engine: Engine, outputs: Path, auth: Iterable[tuple[str, str]] = 
         install_error_handlers(app)
         app.include_router(sdapi.create_router(ctx))
         app.include_router(sagemaker.create_router(ctx))
+        app.include_router(metrics.create_router(metrics.EngineMetrics(engine), require_user(ctx.credentials)))
         _docs_routes(app, ctx)
     return app, ctx
 

@@ -3,6 +3,7 @@ A1111 request/response shapes, errors by status and field, options, progress, in
 SageMaker routes and auth. The launched server with real clients is in test_api_server.py."""
 from __future__ import annotations
 
+import re
 import base64
 import io
 import json
@@ -435,3 +436,22 @@ def test_with_auth_every_route_but_ping_needs_credentials(api_engine, tmp_path):
         assert client.get("/sdapi/v1/options", auth=("alice", "wrong")).status_code == 401
         assert client.get("/sdapi/v1/options", auth=("alice", "wonder")).status_code == 200
         assert client.get("/openapi.json", auth=("alice", "wonder")).status_code == 200
+
+
+def test_metrics_count_requests_images_latency_and_queue(api):
+    def sample(text: str, name: str, **labels) -> float:
+        wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        match = re.search(rf"^{name}\{{{wanted}\}} (\S+)$", text, re.M)
+        return float(match.group(1)) if match else 0.0
+
+    before = api.get("/metrics").text
+    assert api.post("/sdapi/v1/txt2img", json={"prompt": "p", "steps": 2, "batch_size": 3}).status_code == 200
+    response = api.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    after = response.text
+    assert sample(after, "sd_images_total", model="tiny-sd15") - sample(before, "sd_images_total", model="tiny-sd15") == 3
+    assert (sample(after, "sd_requests_total", model="tiny-sd15", outcome="ok")
+            - sample(before, "sd_requests_total", model="tiny-sd15", outcome="ok")) == 1
+    assert sample(after, "sd_request_seconds_count", model="tiny-sd15") >= 1
+    assert sample(after, "sd_queue_waiting", model="tiny-sd15") == 0
+    assert sample(after, "sd_replicas", model="tiny-sd15", state="ready") == 1

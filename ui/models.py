@@ -67,9 +67,27 @@ def status_markdown(ctx: AppContext) -> str:
                      f"{warm['load_seconds']:.1f} s{busy}")
     versions = ", ".join(f"{k} {v}" for k, v in sorted(status.get("versions", {}).items()))
     parts = [head, "\n".join(items) if items else "Nothing is warm: the first generation loads its model."]
+    if "ray" in status:
+        parts.append(ray_markdown(status["ray"]))
     if versions:
         parts.append(f"<small>{html.escape(versions)}</small>")
     return "\n\n".join(parts)
+
+
+def ray_markdown(ray: dict[str, Any]) -> str:
+    """Under ``--ray``: each model's Serve deployment, its replicas by state, autoscaling bounds and
+    the cold start a request waits for when the model is scaled to zero."""
+    lines = [f"**Ray Serve** application `{ray['application']}`"]
+    for model, d in ray["deployments"].items():
+        scaling = d["scaling"]
+        states = ", ".join(f"{count} {state.lower()}" for state, count in d["replicas"].items()) or "none"
+        cold = f"{d['cold_start_s']:.0f} s" if d["cold_start_s"] is not None else "not measured yet"
+        zero = (f" · scaled to zero: the next request starts a replica (cold start {cold})"
+                if not d["running"] and scaling["min_replicas"] == 0 else f" · cold start {cold}")
+        lines.append(f"- `{model}`: {d['status'].lower()}, replicas {states} (autoscaling "
+                     f"{scaling['min_replicas']}–{scaling['max_replicas']}, {scaling['target_ongoing_requests']:g} "
+                     f"requests each){zero}")
+    return "\n".join(lines)
 
 
 def build(ctx: AppContext) -> None:
