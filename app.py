@@ -104,19 +104,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def serve_options(settings: AppSettings, argv: Sequence[str] = ()):  # noqa: ANN201 - serve.config.ServeOptions
     """What the Ray deployments need: the registry, the replicas' backend (resolved here), the
     models compiled for it (only those are deployed) and the app's own flags for the ingress."""
-    from engine import load_registry
+    from engine import EngineError, load_registry
     from engine.backends import make_backend
     from engine.compile import plan
     from serve.config import ServeOptions
 
     registry = load_registry(settings.registry)
-    backend = make_backend(settings.backend)
-    ready = {row.spec.id for row in plan(registry, backend)
-             if row.size == row.spec.default_size and row.status.state == "compiled"}
-    models = tuple(spec.id for spec in registry.models if spec.id in ready or not backend.fixed_shape)
+    try:
+        backend = make_backend(settings.backend)
+        ready = {row.spec.id for row in plan(registry, backend)
+                 if row.size == row.spec.default_size and row.status.state == "compiled"}
+        name = backend.name
+        models = tuple(spec.id for spec in registry.models if spec.id in ready or not backend.fixed_shape)
+    except EngineError:
+        if settings.backend == "auto":
+            raise
+        # writing a config for other machines (e.g. neuron replicas from a CPU box): every model
+        name, models = settings.backend, tuple(spec.id for spec in registry.models)
     flags = [*without_ray_flag(argv), "--registry", str(registry.path.resolve()),
-             "--outputs", str(settings.outputs.resolve()), "--backend", backend.name]
-    return ServeOptions(registry=str(registry.path.resolve()), backend=backend.name, threads=settings.threads or 1,
+             "--outputs", str(settings.outputs.resolve()), "--backend", name]
+    return ServeOptions(registry=str(registry.path.resolve()), backend=name, threads=settings.threads or 1,
                         batch_wait_s=settings.batch_wait_ms / 1000, models=models,
                         replicas={r.model: r.count for r in settings.replicas}, app_flags=tuple(flags))
 

@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 APP_NAME = "sd"
+# Where the code sits on every node (the docker image's WORKDIR): Serve configs may name only a
+# remote URI or a local:// directory that exists on each node.
+NODE_APP_DIR = "/opt/sdserve"
 NEURON_CORES_PER_REPLICA = 2  # the UNet's DataParallel pair (placement.PAIR_SIZE)
 # Requests a replica accepts at once: enough to fill its largest compiled batch, queued in its
 # engine (Serve's autoscaler counts them as ongoing).
@@ -107,10 +110,23 @@ def serve_config(options: ServeOptions, host: str, port: int) -> dict[str, Any]:
             "name": APP_NAME,
             "route_prefix": "/",
             "import_path": "serve.app:build",
-            "args": options.to_args(),
+            # the same image on every node; artifacts_dir must be shared storage (docs/scaling.md)
+            "runtime_env": {"working_dir": f"local://{NODE_APP_DIR}"},
+            "args": _relative_paths(options.to_args()),
             "deployments": deployments,
         }],
     }
+
+
+def _relative_paths(args: dict[str, Any]) -> dict[str, Any]:
+    """Paths under the current directory made relative to it: the working_dir ships to each node."""
+    here = Path.cwd().resolve()
+
+    def relative(text: str) -> str:
+        path = Path(text)
+        return str(path.relative_to(here)) if path.is_absolute() and path.is_relative_to(here) else text
+
+    return {**args, "registry": relative(args["registry"]), "app_flags": [relative(a) for a in args["app_flags"]]}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
