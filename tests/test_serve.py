@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -205,5 +206,41 @@ def test_autoscaling_adds_a_replica_under_a_burst_and_removes_it_when_idle(regis
         started = time.monotonic()
         wait_until(lambda: sum(deployment(server.url)["replicas"].values()) == 1, 120, server)  # idle: back to 1
         print(f"autoscaling: back to 1 replica {time.monotonic() - started:.0f}s after the second was up")
+    finally:
+        stop(server)
+
+
+@pytest.mark.browser
+def test_the_ui_through_the_ray_ingress_generates_shows_progress_and_interrupts(registry_dir, tmp_path):
+    """Debian's chromium against ``app.py --ray``: a generation with progress, then an interrupted one."""
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    from test_browser import CHROMIUM, CHROMIUM_ARGS, set_number
+
+    if not CHROMIUM.exists():
+        pytest.skip("no /usr/bin/chromium")
+    expect = playwright_api.expect
+    server = start_ray_app(registry_dir, tmp_path)
+    try:
+        with playwright_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 950})
+            page.set_default_timeout(60_000)
+            page.goto(server.url)
+            page.locator("#txt2img_prompt textarea").fill("a yellow sun on a green background")
+            set_number(page, "txt2img_steps", 150)
+            page.locator("#txt2img_generate").click()
+            page.wait_for_function("() => /step \\d+\\/150/.test(document.body.innerText)")  # progress from the replica
+            page.locator("#txt2img_interrupt").click()
+            expect(page.locator("#txt2img_stats")).to_contain_text("Interrupted")
+            set_number(page, "txt2img_steps", 20)
+            page.locator("#txt2img_generate").click()
+            expect(page.locator("#txt2img_gallery img").first).to_be_visible()
+            expect(page.locator("#txt2img_info textarea")).to_have_value(re.compile(r"Steps: 20, .*Model: demo-shapes"))
+            page.get_by_role("tab", name="Models").click()
+            expect(page.locator("#models_status")).to_contain_text("Ray Serve")
+            page.screenshot(path=str(tmp_path / "ray-models.png"))
+            if os.environ.get("UI_SCREENSHOTS") == "1":
+                page.screenshot(path=str(ROOT / "docs" / "screenshots" / "ray-models.png"))
+            browser.close()
     finally:
         stop(server)

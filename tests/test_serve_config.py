@@ -73,3 +73,13 @@ def test_bad_scaling_is_named(tmp_path, raw, needle):
     path.write_text(yaml.safe_dump(registry))
     with pytest.raises(RegistryError, match=needle):
         load_registry(path)
+
+
+def test_the_app_without_ray_never_imports_it():
+    import subprocess
+    import sys
+
+    code = ("import sys, app, api, ui, engine, serve; from ui.settings import parse_settings; "
+            "app.engine_settings(parse_settings([], {})); assert 'ray' not in sys.modules, 'ray was imported'")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
