@@ -34,18 +34,18 @@ class EngineMetrics:
         self.registry.register(_EngineCollector(engine))
         engine.add_job_listener(self.observe)
 
-    def observe(self, job: Any) -> None:
-        """A finished job (called on the engine's worker thread)."""
+    def observe(self, job: Any, outcome: Any) -> None:
+        """A finished job and its result or exception (called on the engine's worker thread)."""
         if self.engine.is_load_job(job):
             return
         model = self.engine.job_model(job)
-        error = job.future.exception()
-        outcome = "ok" if error is None else "interrupted" if isinstance(error, Cancelled) else "error"
-        self.requests.labels(model, outcome).inc()
+        failed = isinstance(outcome, BaseException)
+        kind = "interrupted" if isinstance(outcome, Cancelled) else "error" if failed else "ok"
+        self.requests.labels(model, kind).inc()
         if job.finished is not None:
             self.latency.labels(model).observe(job.finished - job.submitted)
-        if error is None:
-            self.images.labels(model).inc(len(job.future.result().images))
+        if not failed:
+            self.images.labels(model).inc(len(outcome.images))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -321,8 +321,9 @@ class Engine:
         work = _Work(request, self._resolve(request), on_progress)
         return self.scheduler.submit(work, owner=owner, cancel=cancel)
 
-    def add_job_listener(self, listener: Callable[[Job[Any]], None]) -> None:
-        """Call ``listener(job)`` when each queued job (generation or load) has its outcome."""
+    def add_job_listener(self, listener: Callable[[Job[Any], Any], None]) -> None:
+        """Call ``listener(job, outcome)`` when each queued job (generation or load) ends, just before
+        its caller sees the outcome (a result, or the exception it ends with)."""
         self.scheduler.add_listener(listener)
 
     @staticmethod

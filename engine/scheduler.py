@@ -161,7 +161,7 @@ class Scheduler(Generic[T]):
         self._running: list[Job[T]] = []
         self._numbers = itertools.count(1)
         self._closed = False
-        self._listeners: list[Callable[[Job[T]], None]] = []
+        self._listeners: list[Callable[[Job[T], Outcome], None]] = []
         self.name = name
         self._threads = [threading.Thread(target=self._work, name=f"{name}-worker-{i}", daemon=True)
                          for i in range(workers)]
@@ -172,9 +172,9 @@ class Scheduler(Generic[T]):
     def workers(self) -> int:
         return len(self._threads)
 
-    def add_listener(self, listener: Callable[[Job[T]], None]) -> None:
-        """Call ``listener(job)`` on the worker thread once each job has its outcome (for metrics).
-        A listener that raises is logged and ignored."""
+    def add_listener(self, listener: Callable[[Job[T], Outcome], None]) -> None:
+        """Call ``listener(job, outcome)`` on the worker thread when each job ends, just before its
+        caller sees the outcome (its result or exception). A listener that raises is logged and ignored."""
         self._listeners.append(listener)
 
     def ensure_workers(self, count: int) -> None:
@@ -287,21 +287,21 @@ class Scheduler(Generic[T]):
                     job.finished = time.time()
             for job in batch:
                 outcome = outcomes.get(job, Cancelled("interrupted before it started"))
-                if job.future.done():
+                if job.future.done():  # the work settled it early (it left its batch)
+                    self._notify(job, job.future.exception() or job.future.result())
                     continue
+                self._notify(job, outcome)  # before the caller can see the outcome, so metrics agree
                 if isinstance(outcome, BaseException):
                     job.future.set_exception(outcome)
                 else:
                     job.future.set_result(outcome)
-            self._notify(batch)
 
-    def _notify(self, batch: list[Job[T]]) -> None:
-        for job in batch:
-            for listener in self._listeners:
-                try:
-                    listener(job)
-                except Exception:
-                    log.exception("a job listener failed")
+    def _notify(self, job: Job[T], outcome: Outcome) -> None:
+        for listener in self._listeners:
+            try:
+                listener(job, outcome)
+            except Exception:
+                log.exception("a job listener failed")
 
 
 __all__ = ["Scheduler", "Job", "QueueSnapshot", "CancelFlag", "Batching"]
