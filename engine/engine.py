@@ -234,13 +234,12 @@ class Engine:
         """Warm ``model`` at ``size`` (default: its first resolution) without generating, and wait."""
         return self.submit_load(model, size).result()
 
-    def submit_load(self, model: str, size: Optional[Size] = None, owner: str = "", replicas: int = 1) -> Job[Any]:
-        """Queue loading ``model`` at ``size`` (``replicas`` warm copies, as many as fit): a load
-        uses the device, so it waits its turn in the engine's queue and runs on a device worker like
-        a generation. Bad names raise at once."""
+    def submit_load(self, model: str, size: Optional[Size] = None, owner: str = "") -> Job[Any]:
+        """Queue loading ``model`` at ``size``: a load uses the device, so it waits its turn in the
+        engine's queue and runs on a device worker like a generation. Bad names raise at once."""
         spec = self.registry.get(model)
         key = self._key(spec, self._check_size(spec, size or spec.default_size))
-        return self.scheduler.submit(_Load(key, replicas), owner=owner)
+        return self.scheduler.submit(_Load(key), owner=owner)
 
     def start_replicas(self) -> dict[str, int]:
         """Warm the configured replicas (``EngineSettings.replicas``, and with ``replicas_auto`` as
@@ -337,11 +336,6 @@ class Engine:
         """Whether a queued job warms a model (``load``) rather than generating."""
         return isinstance(job.payload, _Load)
 
-    @staticmethod
-    def job_images(job: Job[Any]) -> int:
-        """Images a job was asked for (0 for a load)."""
-        return job.payload.request.num_images if isinstance(job.payload, _Work) else 0
-
     def interrupt(self, owner: str) -> int:
         """Interrupt ``owner``'s running and queued jobs; returns how many."""
         return self.scheduler.interrupt(owner)
@@ -355,8 +349,7 @@ class Engine:
         share model, size, mode, sampler, steps, CFG and strength (``_batch_key``)."""
         if isinstance(jobs[0].payload, _Load):
             load: _Load = jobs[0].payload
-            if load.replicas > 1:
-                self.pool.ensure_replicas(load.key, load.replicas)
+            self.pool.ensure_replicas(load.key, load.replicas)
             return [self.pool.ensure(load.key)]
         resolved: _Resolved = jobs[0].payload.resolved
         key = self._key(resolved.spec, resolved.size)

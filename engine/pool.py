@@ -150,10 +150,13 @@ class WarmPool:
     def _acquire(self, key: VariantKey) -> _Entry:
         while True:
             with self._lock:
-                entry, extra = self._pick_locked(key)
-                if entry is not None and extra is None:
-                    return self._take_locked(entry, key)
-            if entry is not None:  # every warm replica is busy and another one may be loaded
+                replica, extra = self._pick_locked(key)
+                if replica is not None and extra is None:
+                    entry = self._entries[replica]
+                    entry.leases += 1
+                    self._entries.move_to_end(replica)
+                    return entry
+            if replica is not None:  # every warm replica is busy and another one may be loaded
                 assert extra is not None
                 if not self._load_extra(extra):
                     with self._lock:
@@ -163,28 +166,20 @@ class WarmPool:
             if entry is not None:
                 return entry
 
-    def _pick_locked(self, key: VariantKey) -> tuple[Optional[_Entry], Optional[ReplicaKey]]:
-        """(an idle warm replica, None); or (the least busy one, a replica to load first) when all are
-        busy and more are wanted; or (None, None) when none is warm (lock held)."""
-        warm = [(r, e) for r, e in self._entries.items() if r.variant == key]
+    def _pick_locked(self, key: VariantKey) -> tuple[Optional[ReplicaKey], Optional[ReplicaKey]]:
+        """(the least recently used idle replica, None); or (the least busy one, a replica to load
+        first) when all are busy and more are wanted; or (None, None) when none is warm (lock held)."""
+        warm = [r for r in self._entries if r.variant == key]
         if not warm:
             return None, None
-        idle = [e for _, e in warm if not e.leases]
+        idle = [r for r in warm if not self._entries[r].leases]
         if idle:
-            return min(idle, key=lambda e: e.last_used), None
-        least_busy = min((e for _, e in warm), key=lambda e: e.leases)
+            return min(idle, key=lambda r: self._entries[r].last_used), None
+        least_busy = min(warm, key=lambda r: self._entries[r].leases)
         loading = sum(1 for r in self._loading if r.variant == key)
         if len(warm) + loading >= self._target(key):
             return least_busy, None
         return least_busy, ReplicaKey(key, self._free_index_locked(key))
-
-    def _take_locked(self, entry: _Entry, key: VariantKey) -> _Entry:
-        entry.leases += 1
-        for replica, candidate in self._entries.items():
-            if candidate is entry:
-                self._entries.move_to_end(replica)
-                break
-        return entry
 
     def _free_index_locked(self, key: VariantKey) -> int:
         used = {r.index for r in (*self._entries, *self._loading) if r.variant == key}
