@@ -120,36 +120,45 @@ def run_concurrency(registry: Registry, backend_name: str, levels: Sequence[int]
     return rows
 
 
-def to_markdown(rows: list[ConcurrencyRow], title: str) -> str:
-    lines = [f"# {title}", "", "| batching | clients | requests | wall s | images/s | p50 s | p95 s | largest batch "
+def to_markdown(rows: list[ConcurrencyRow], title: str, label: str = "batching") -> str:
+    """The rows as a markdown table; ``label`` names what the rows' labels vary."""
+    lines = [f"# {title}", "", f"| {label} | clients | requests | wall s | images/s | p50 s | p95 s | largest batch "
              "| max pixel diff |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r.label} | {r.clients} | {r.requests} | {r.wall_s} | {r.images_per_s} | {r.p50_s} | {r.p95_s} "
               f"| {r.max_batch_seen} | {'—' if r.max_pixel_diff is None else r.max_pixel_diff} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
+BAR_COLOURS = ((150, 150, 150), (234, 88, 12), (37, 99, 235), (22, 163, 74), (147, 51, 234))
+
+
 def draw_png(rows: list[ConcurrencyRow], title: str, path: Path) -> None:
-    """Grouped bars: images/s per concurrency level, batching off (grey) and on (orange)."""
+    """Grouped bars: images/s per concurrency level, one bar per row label (in first-seen order)."""
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
     levels = list(dict.fromkeys(r.clients for r in rows))
+    labels = list(dict.fromkeys(r.label for r in rows))
+    colours = dict(zip(labels, BAR_COLOURS * (1 + len(labels) // len(BAR_COLOURS))))
     width, height, left, top, plot_h = 640, 360, 60, 40, 260
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((10, 10), f"{title}: images/s (grey: batching off, orange: on)", fill="black", font=font)
+    legend = ", ".join(f"{name}: {label}" for label, name in zip(labels, ("grey", "orange", "blue", "green", "purple")))
+    draw.text((10, 4), f"{title}: images/s", fill="black", font=font)
+    draw.text((10, 18), legend, fill="black", font=font)
     best = max(r.images_per_s for r in rows) or 1.0
     group_w = (width - left - 20) / len(levels)
     base_y = top + plot_h
     for g, clients in enumerate(levels):
-        for k, mode in enumerate(("off", "on")):
-            row = next((r for r in rows if r.clients == clients and r.label == mode), None)
+        bar_w = (group_w - 20) / len(labels)
+        for k, label in enumerate(labels):
+            row = next((r for r in rows if r.clients == clients and r.label == label), None)
             if row is None:
                 continue
-            x0 = left + g * group_w + 10 + k * (group_w - 20) / 2
-            x1 = x0 + (group_w - 20) / 2 - 6
+            x0 = left + g * group_w + 10 + k * bar_w
+            x1 = x0 + bar_w - 6
             y0 = base_y - plot_h * row.images_per_s / best
-            draw.rectangle([x0, y0, x1, base_y], fill=(150, 150, 150) if mode == "off" else (234, 88, 12))
+            draw.rectangle([x0, y0, x1, base_y], fill=colours[label])
             draw.text((x0, y0 - 12), f"{row.images_per_s:.1f}", fill="black", font=font)
         draw.text((left + g * group_w + group_w / 2 - 20, base_y + 8), f"{clients} clients", fill="black", font=font)
     draw.line([left, base_y, width - 10, base_y], fill="black")
@@ -157,11 +166,11 @@ def draw_png(rows: list[ConcurrencyRow], title: str, path: Path) -> None:
     image.save(path)
 
 
-def write_all(rows: list[ConcurrencyRow], title: str, out_dir: Path) -> list[Path]:
+def write_all(rows: list[ConcurrencyRow], title: str, out_dir: Path, label: str = "batching") -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "concurrency.md", out_dir / "concurrency.json", out_dir / "concurrency.png"]
-    paths[0].write_text(to_markdown(rows, title), encoding="utf-8")
+    paths[0].write_text(to_markdown(rows, title, label), encoding="utf-8")
     paths[1].write_text(json.dumps([asdict(r) for r in rows], indent=2), encoding="utf-8")
     draw_png(rows, title, paths[2])
     return paths

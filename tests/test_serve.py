@@ -33,14 +33,14 @@ STEPS = int(os.environ.get("RAY_TEST_STEPS", "40"))
 pytestmark = pytest.mark.skipif(not (DEMO / "model_index.json").is_file(), reason="models/demo-shapes is missing")
 
 
-def demo_registry(directory: Path, scaling: dict) -> Path:
+def demo_registry(directory: Path, scaling: dict, batch_sizes: tuple[int, ...] = (1, 4, 8)) -> Path:
     """The shipped demo model alone, with ``scaling``, compiling into ``directory``/artifacts."""
     path = directory / "registry.yaml"
     path.write_text(yaml.safe_dump({
         "artifacts_dir": str(directory / "artifacts"),
         "default_model": "demo-shapes",
         "models": [{"id": "demo-shapes", "title": "Demo shapes", "family": "sd15", "source": {"local": str(DEMO)},
-                    "dtype": "fp32", "resolutions": ["64x64"], "batch_sizes": [1, 4, 8],
+                    "dtype": "fp32", "resolutions": ["64x64"], "batch_sizes": list(batch_sizes),
                     "defaults": {"sampler": "DPM++ 2M", "steps": 20, "cfg_scale": 4}, "scaling": scaling}],
     }))
     return path
@@ -50,6 +50,14 @@ def demo_registry(directory: Path, scaling: dict) -> Path:
 def registry_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("ray-registry")
     demo_registry(directory, {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "idle_s": 15})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def unbatched_registry_dir(tmp_path_factory) -> Path:
+    """Without batching: a replica runs one request per call, so what replicas add shows alone."""
+    directory = tmp_path_factory.mktemp("ray-registry-batch1")
+    demo_registry(directory, {}, batch_sizes=(1,))
     return directory
 
 
@@ -106,9 +114,10 @@ def deployment(url: str) -> dict:
     return requests.get(url + "sdapi/v1/memory", timeout=10).json()["engine"]["ray"]["deployments"]["demo-shapes"]
 
 
-def test_two_replicas_serve_more_images_per_second_and_the_same_images(registry_dir, tmp_path):
-    """16 concurrent clients, 1 then 2 CPU replicas (1 CPU, 1 torch thread each); every image equals
-    the single-process engine's for its seed (within 1 level: requests that arrive together batch)."""
+def test_two_replicas_serve_more_images_per_second_and_the_same_images(unbatched_registry_dir, tmp_path):
+    """16 concurrent clients, 1 then 2 CPU replicas (1 CPU, 1 torch thread each), one request per
+    UNet call; every image equals the single-process engine's for its seed, pixel for pixel."""
+    registry_dir = unbatched_registry_dir
     from engine import Engine, EngineSettings, GenerateRequest, load_registry
     from engine.backends import make_backend
 
@@ -129,9 +138,9 @@ def test_two_replicas_serve_more_images_per_second_and_the_same_images(registry_
     ratio = rates[2] / rates[1]
     print(f"\nRay Serve, 16 concurrent clients: 1 replica {rates[1]:.2f} img/s, 2 replicas {rates[2]:.2f} img/s, "
           f"ratio {ratio:.2f}x")
-    # Measured here: 1.14x at 40 steps (1 replica 6.2, 2 replicas 7.1 img/s). One replica already
-    # batches the burst on its core; the second core also runs the ingress, proxy and clients.
-    assert ratio >= 0.9, rates
+    # Measured here: 1.45x (3.7 -> 5.35 img/s; 1.73x for replicas in one process). The 2 cores
+    # also run the ingress, Serve's proxy and controller and the 16 clients (~0.3 core).
+    assert ratio >= 1.25, rates
 
     registry = load_registry(registry_dir / "registry.yaml")
     engine = Engine(registry, make_backend("cpu"), EngineSettings(max_warm=1))
@@ -140,7 +149,7 @@ def test_two_replicas_serve_more_images_per_second_and_the_same_images(registry_
             request = GenerateRequest(prompt=f"a red circle on a blue background {seed % 3}", seed=seed, steps=STEPS)
             expected = np.asarray(engine.generate(request).images[0].image.convert("RGB"), dtype=np.int16)
             for replicas in (1, 2):
-                assert np.abs(images[replicas][seed] - expected).max() <= 1, (replicas, seed)
+                assert np.array_equal(images[replicas][seed], expected), (replicas, seed)
     finally:
         engine.close()
 
