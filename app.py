@@ -74,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     quiet_libraries()
     try:
         registry = load_registry(settings.registry)
-        backend = make_backend(settings.backend)
+        backend = make_backend(settings.backend, settings.neuron_target)
         if settings.autocompile:
             ensure_compiled(registry, backend, registry.default_model, log=lambda line: print(line, flush=True))
         if settings.ray is not None:
@@ -111,7 +111,7 @@ def serve_options(settings: AppSettings, argv: Sequence[str] = ()):  # noqa: ANN
 
     registry = load_registry(settings.registry)
     try:
-        backend = make_backend(settings.backend)
+        backend = make_backend(settings.backend, settings.neuron_target)
         ready = {row.spec.id for row in plan(registry, backend)
                  if row.size == row.spec.default_size and row.status.state == "compiled"}
         name = backend.name
@@ -123,7 +123,8 @@ def serve_options(settings: AppSettings, argv: Sequence[str] = ()):  # noqa: ANN
         name, models = settings.backend, tuple(spec.id for spec in registry.models)
     flags = [*without_ray_flag(argv), "--registry", str(registry.path.resolve()),
              "--outputs", str(settings.outputs.resolve()), "--backend", name]
-    return ServeOptions(registry=str(registry.path.resolve()), backend=name, threads=settings.threads or 1,
+    return ServeOptions(registry=str(registry.path.resolve()), backend=name, neuron_target=settings.neuron_target,
+                        threads=settings.threads or 1,
                         batch_wait_s=settings.batch_wait_ms / 1000, models=models,
                         replicas={r.model: r.count for r in settings.replicas}, app_flags=tuple(flags))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from engine import artifacts
 from engine.cli import quiet_libraries
-from engine.backends import BACKEND_NAMES, make_backend
+from engine.backends import BACKEND_NAMES, NEURON_TARGETS, make_backend
 from engine.compile import compile_all, plan
 from engine.errors import EngineError
 from engine.registry import DEFAULT_REGISTRY, load_registry
@@ -24,6 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--registry", type=Path, default=DEFAULT_REGISTRY, help="model registry YAML")
     parser.add_argument("--backend", choices=[b for b in BACKEND_NAMES if b != "eager"], default="auto",
                         help="auto = neuron when the Neuron SDK and a device are present, else cpu")
+    parser.add_argument("--neuron-target", choices=NEURON_TARGETS, default="inf2",
+                        help="what neuronx-cc compiles for (serve with the same --neuron-target)")
     parser.add_argument("--models", type=lambda s: [m for m in s.split(",") if m], help="comma-separated model ids")
     parser.add_argument("--resolutions", type=lambda s: [Size.parse(r) for r in s.split(",") if r],
                         help="comma-separated sizes such as 512x512,768x512")
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     try:
         registry = load_registry(args.registry)
-        backend = make_backend(args.backend)
+        backend = make_backend(args.backend, args.neuron_target)
         if backend.name == "eager":
             raise EngineError("the eager backend runs without artifacts; choose --backend cpu or neuron")
         for leftover in artifacts.leftover_partials(registry.artifacts_dir):

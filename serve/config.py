@@ -34,6 +34,7 @@ class ServeOptions:
 
     registry: str
     backend: str  # the replicas' backend: neuron, cpu or eager (resolved where the app starts)
+    neuron_target: str = "inf2"  # what the Neuron artifacts were compiled for
     threads: int = 1  # torch threads (and Ray CPUs) per CPU replica
     batch_wait_s: float = 0.005
     models: tuple[str, ...] = ()  # the models deployed (compiled ones; the others are listed, not served)

@@ -56,7 +56,7 @@ class ModelServer:
         torch.set_num_threads(options.threads)
         registry = load_registry(Path(options.registry))
         spec = registry.get(model)
-        self.engine = Engine(registry, make_backend(options.backend),
+        self.engine = Engine(registry, make_backend(options.backend, options.neuron_target),
                              EngineSettings(max_warm=len(spec.resolutions), workers=1, batch_wait_s=options.batch_wait_s))
         self.engine.set_default_model(spec.id)
         self.engine.load(spec.id)

@@ -49,6 +49,7 @@ class TraceCall:
     fuse_softmax: Optional[str]  # NEURON_FUSE_SOFTMAX at trace time
     graph_ops: frozenset[str]
     traced: Any = field(repr=False)
+    trace_kwargs: dict[str, Any] = field(default_factory=dict)  # further keyword arguments, e.g. cpu_backend
     async_loaded: bool = False
     lazy_loaded: bool = False
 
@@ -132,6 +133,7 @@ class RecordingTorchNeuronx(types.ModuleType):
             fuse_softmax=os.environ.get("NEURON_FUSE_SOFTMAX"),
             graph_ops=frozenset(),
             traced=None,
+            trace_kwargs=dict(kwargs),
         )
         self.traces.append(call)
         if call.component in self.fail_components:

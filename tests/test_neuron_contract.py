@@ -92,18 +92,18 @@ def trace_of(recorded, model: str, component: str):
 # --- compile recipe ---------------------------------------------------------------------------------------
 
 
+FAST = "--enable-fast-loading-neuron-binaries"
+UNET_TYPE, TEXT_TYPE, NONE = "--model-type=unet-inference", "--model-type=transformer", ["--auto-cast", "none"]
 EXPECTED_FP32_ARGS = {
-    ("sd15", "text_encoder"): ["--enable-fast-loading-neuron-binaries", "--auto-cast", "none"],
-    ("sd15", "unet"): ["--model-type=unet-inference", "--enable-fast-loading-neuron-binaries", "--auto-cast", "none"],
-    ("sd15", "vae_decoder"): ["--model-type=unet-inference", "--enable-fast-loading-neuron-binaries",
-                              "--auto-cast", "none"],
-    ("sd15", "vae_encoder"): ["--enable-fast-loading-neuron-binaries", "--auto-cast", "none"],
-    ("sdxl", "text_encoder"): ["--enable-fast-loading-neuron-binaries", "--auto-cast", "none"],
-    ("sdxl", "text_encoder_2"): ["--enable-fast-loading-neuron-binaries", "--auto-cast", "none"],
-    ("sdxl", "unet"): ["--model-type=unet-inference", "--auto-cast", "none"],  # no fast loading for the SDXL UNet
-    ("sdxl", "vae_decoder"): ["--model-type=unet-inference", "--enable-fast-loading-neuron-binaries",
-                              "--auto-cast", "none"],
-    ("sdxl", "vae_encoder"): ["--enable-fast-loading-neuron-binaries", "--auto-cast", "none"],
+    ("sd15", "text_encoder"): ["--target=inf2", TEXT_TYPE, FAST, *NONE],
+    ("sd15", "unet"): ["--target=inf2", UNET_TYPE, FAST, *NONE],
+    ("sd15", "vae_decoder"): ["--target=inf2", UNET_TYPE, FAST, *NONE],
+    ("sd15", "vae_encoder"): ["--target=inf2", UNET_TYPE, FAST, *NONE],
+    ("sdxl", "text_encoder"): ["--target=inf2", TEXT_TYPE, FAST, *NONE],
+    ("sdxl", "text_encoder_2"): ["--target=inf2", TEXT_TYPE, FAST, *NONE],
+    ("sdxl", "unet"): ["--target=inf2", UNET_TYPE, *NONE],  # no fast loading for the SDXL UNet
+    ("sdxl", "vae_decoder"): ["--target=inf2", UNET_TYPE, FAST, *NONE],
+    ("sdxl", "vae_encoder"): ["--target=inf2", UNET_TYPE, FAST, *NONE],
 }
 EXPECTED_FP32_ARGS.update({("sd21", c): args for (f, c), args in list(EXPECTED_FP32_ARGS.items()) if f == "sd15"})
 
@@ -126,7 +126,7 @@ def test_recorded_bf16_and_optlevel_reach_the_compiler(tiny_dir, tmp_path, monke
     compile_variant(registry, registry.get("tiny-sd21"), SIZE,
                     NeuronBackend(inventory=CoreInventory((0, 1)), optlevel=1), log=lambda line: None)
     unet = recorder.traces_of("unet")[0]
-    assert unet.compiler_args == ["--model-type=unet-inference", "--enable-fast-loading-neuron-binaries",
+    assert unet.compiler_args == ["--target=inf2", "--model-type=unet-inference", "--enable-fast-loading-neuron-binaries",
                                   "--auto-cast", "matmult", "--auto-cast-type", "bf16", "-O1"]
     assert all(t.compiler_args[-5:] == ["--auto-cast", "matmult", "--auto-cast-type", "bf16", "-O1"]
                for t in recorder.traces)
@@ -136,6 +136,28 @@ def test_recorded_bf16_and_optlevel_reach_the_compiler(tiny_dir, tmp_path, monke
     assert {e["input_dtype"] for e in manifest["components"].values()} == {"float32"}
     with pytest.raises(CompileError, match="1, 2 or 3"):
         compiler_args(FAMILIES["sd15"], "unet", "fp32", optlevel=4)
+
+
+def test_recorded_compile_without_a_device_passes_the_target_and_the_cpu_backend(tiny_dir, tmp_path, monkeypatch):
+    """A build box without /dev/neuron* (RECORDING stand-in): every trace gets --target=<target> and
+    cpu_backend=True; with a device present, no cpu_backend; trn1 reaches the compiler and the key."""
+    recorder = neuron_recorder.install(monkeypatch)
+    registry = load_registry(write_registry(tiny_dir, tmp_path, ["tiny-sd15"]))
+    spec = registry.get("tiny-sd15")
+    build_box = NeuronBackend(inventory=CoreInventory((0, 1)), device_present=False, target="trn1")
+    compile_variant(registry, spec, SIZE, build_box, log=lambda line: None)
+    assert recorder.traces and all(t.trace_kwargs == {"cpu_backend": True} for t in recorder.traces)
+    assert all(t.compiler_args[0] == "--target=trn1" for t in recorder.traces)
+    assert "target=trn1" in build_box.stack_key()
+    manifest = artifacts.read_manifest(artifacts.variant_dir(registry.artifacts_dir, "tiny-sd15", SIZE, "neuron"))
+    assert manifest["target"]["compiler_target"] == "trn1"
+    recorder.reset()
+    on_device = NeuronBackend(inventory=CoreInventory((0, 1)), device_present=True)
+    compile_variant(registry, spec, SIZE, on_device, log=lambda line: None)
+    assert recorder.traces and all(t.trace_kwargs == {} for t in recorder.traces)
+    assert on_device.stack_key() != build_box.stack_key()  # an inf2 box will not load trn1 artifacts
+    with pytest.raises(CompileError, match="inf2, trn1, trn2"):
+        compiler_args(FAMILIES["sd15"], "unet", "fp32", target="inf1")
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))

@@ -9,6 +9,7 @@ flag                       environment         default
 =========================  ==================  =========================================
 ``--registry PATH``        ``SD_REGISTRY``     ``model_registry.yaml`` beside ``engine/``
 ``--backend NAME``         ``SD_BACKEND``      ``auto`` (neuron, else eager on CUDA, else cpu)
+``--neuron-target T``      ``SD_NEURON_TARGET``  inf2 (trn1, trn2: what the artifacts were compiled for)
 ``--host HOST``            ``GRADIO_SERVER_NAME``  ``127.0.0.1``
 ``--port PORT``            ``GRADIO_SERVER_PORT``  ``7860``
 ``--share``                ``SD_SHARE=1``      off (refused without auth unless ``--insecure-share``)
@@ -77,6 +78,7 @@ class AppSettings:
 
     registry: Path
     backend: str = "auto"
+    neuron_target: str = "inf2"
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     share: bool = False
@@ -128,6 +130,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                    help="model registry YAML [SD_REGISTRY]")
     p.add_argument("--backend", choices=BACKENDS, default=env("SD_BACKEND", "auto"),
                    help="auto: neuron if present, else eager on CUDA, else cpu TorchScript [SD_BACKEND]")
+    p.add_argument("--neuron-target", choices=("inf2", "trn1", "trn2"), default=env("SD_NEURON_TARGET", "inf2"),
+                   help="the Neuron compile target the artifacts were built for (compile_all.py --neuron-target) "
+                        "[SD_NEURON_TARGET]")
     p.add_argument("--host", default=env("GRADIO_SERVER_NAME", DEFAULT_HOST),
                    help="interface to listen on; 0.0.0.0 for every interface [GRADIO_SERVER_NAME]")
     p.add_argument("--port", default=env("GRADIO_SERVER_PORT", str(DEFAULT_PORT)), help="[GRADIO_SERVER_PORT]")
@@ -247,6 +252,7 @@ def parse_settings(argv: Optional[Sequence[str]], environ: Mapping[str, str]) ->
     return AppSettings(
         registry=registry,
         backend=args.backend,
+        neuron_target=args.neuron_target,
         host=host,
         port=_positive_int("--port", port),
         share=args.share,

@@ -28,13 +28,17 @@ def resolve_backend_name(name: str = "auto") -> str:
     return "eager" if torch.cuda.is_available() else "cpu"
 
 
-def make_backend(name: str = "auto") -> Backend:
-    """Instantiate a backend by name (importing heavy SDKs only for the one chosen)."""
+NEURON_TARGETS = ("inf2", "trn1", "trn2")  # what neuronx-cc compiles for (--target)
+
+
+def make_backend(name: str = "auto", neuron_target: str = "inf2") -> Backend:
+    """Instantiate a backend by name (importing heavy SDKs only for the one chosen). ``neuron_target``
+    is the Neuron compile target (part of the artifacts' fingerprint: serve with the one compiled for)."""
     name = resolve_backend_name(name)
     if name == "neuron":
         from .neuron import NeuronBackend
 
-        return NeuronBackend()
+        return NeuronBackend(target=neuron_target)
     if name == "eager":
         from .eager import EagerBackend
 

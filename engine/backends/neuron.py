@@ -37,8 +37,9 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactMismatch, BackendUnavailable, CompileError
-from ..families import UNET, VAE_DECODER, Family
-from ..placement import CoreInventory, discover_cores, footprint_from_manifest
+from ..families import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_ENCODER, Family
+from ..placement import CoreInventory, device_nodes, discover_cores, footprint_from_manifest
+from . import NEURON_TARGETS
 from .base import COMPONENT_FILE, Backend, input_specs
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ VISIBLE_CORES_VARIABLE = "NEURON_RT_VISIBLE_CORES"
 
 # The UNet runs DataParallel over this many cores, one row of the CFG pair on each.
 UNET_CORES = 2
+DEFAULT_TARGET = NEURON_TARGETS[0]
 COMPILER_WORKDIR = "compiler_workdir"
 COMPILER_LOG = "log-neuron-cc.txt"
 
@@ -108,19 +110,29 @@ def _version_of(module_name: str, distribution: str) -> str:
 # --- compiler arguments ---------------------------------------------------------------------------
 
 
-def compiler_args(family: Family, component: str, dtype: str, optlevel: Optional[int] = None) -> list[str]:
+def compiler_args(family: Family, component: str, dtype: str, optlevel: Optional[int] = None,
+                  target: str = DEFAULT_TARGET) -> list[str]:
     """neuronx-cc arguments for one component.
 
-    * ``--model-type=unet-inference`` for the UNet and the VAE decoder (U-Net shaped graphs);
+    * ``--target=inf2`` (or trn1/trn2) always: without it torch-neuronx 2.x asks the local device what
+      to compile for and fails on a build box without one (aws-neuron-sdk issue 910; optimum-neuron
+      adopted the same fix in PR 961);
+    * ``--model-type=unet-inference`` for the UNet and the VAE decoder and encoder (U-Net shaped
+      convolution graphs), ``--model-type=transformer`` for the text encoders (as optimum-neuron's
+      exporter passes them);
     * ``--enable-fast-loading-neuron-binaries`` everywhere except the SDXL UNet (the samples leave it
       out there; the uncompressed binary of a 2.6B-parameter UNet is too large to gain from it);
     * precision from the registry dtype: fp32 is ``--auto-cast none`` (neuronx-cc otherwise casts
       matrix multiplications to bf16 by default), bf16 is ``--auto-cast matmult --auto-cast-type bf16``;
     * ``-O1``/``-O2``/``-O3`` when ``optlevel`` is given (the compiler's default is 2).
     """
-    args: list[str] = []
-    if component in (UNET, VAE_DECODER):
+    if target not in NEURON_TARGETS:
+        raise CompileError(f"unknown Neuron compile target {target!r}; use one of {', '.join(NEURON_TARGETS)}")
+    args = [f"--target={target}"]
+    if component in (UNET, VAE_DECODER, VAE_ENCODER):
         args.append("--model-type=unet-inference")
+    elif component in (TEXT_ENCODER, TEXT_ENCODER_2):
+        args.append("--model-type=transformer")
     if not (family.name == "sdxl" and component == UNET):
         args.append("--enable-fast-loading-neuron-binaries")
     if dtype == "bf16":
@@ -225,10 +237,14 @@ class NeuronBackend(Backend):
     fixed_shape = True
 
     def __init__(self, inventory: Optional[CoreInventory] = None, optlevel: Optional[int] = None,
-                 keep_compiler_workdirs: bool = False):
+                 keep_compiler_workdirs: bool = False, target: str = DEFAULT_TARGET,
+                 device_present: Optional[bool] = None):
         self._sdk = import_sdk()
         self._inventory = inventory
         self.optlevel = optlevel
+        self.compile_target = target
+        # No /dev/neuron* here (a build box): trace on the CPU backend (cpu_backend=True)
+        self.device_present = bool(device_nodes()) if device_present is None else device_present
         self.keep_compiler_workdirs = keep_compiler_workdirs
         self._versions: Optional[dict[str, str]] = None
 
@@ -249,7 +265,8 @@ class NeuronBackend(Backend):
     def stack_key(self) -> str:
         # A NEFF loads only on the compiler / runtime release that wrote it.
         versions = self.stack_versions()
-        return f"neuronx-cc={versions['neuronx-cc']},torch-neuronx={versions['torch-neuronx']}"
+        return (f"neuronx-cc={versions['neuronx-cc']},torch-neuronx={versions['torch-neuronx']},"
+                f"target={self.compile_target}")
 
     def core_inventory(self) -> CoreInventory:
         """The NeuronCores this process may use (discovered once)."""
@@ -262,6 +279,7 @@ class NeuronBackend(Backend):
         return {
             "platform": "neuron",
             "neuron_core": "v2 (inf2, trn1)",
+            "compiler_target": self.compile_target,
             "cores_per_model": UNET_CORES,
             "unet": {"batch_per_core": 1, "cores": UNET_CORES, "batch_per_call": UNET_CORES,
                      "data_parallel": "torch_neuronx.DataParallel, set_dynamic_batching=False"},
@@ -313,7 +331,7 @@ class NeuronBackend(Backend):
         self, family: Family, component: str, module: nn.Module, example_inputs: Sequence[torch.Tensor],
         out_dir: Path, dtype: str,
     ) -> dict[str, Any]:
-        args = compiler_args(family, component, dtype, self.optlevel)
+        args = compiler_args(family, component, dtype, self.optlevel, self.compile_target)
         inputs = tuple(example_inputs)
         layout: Optional[dict[str, int]] = None
         if component == UNET:
@@ -329,7 +347,8 @@ class NeuronBackend(Backend):
         try:
             with torch.no_grad():
                 traced = self._sdk.trace(module.eval(), inputs, compiler_workdir=str(workdir),
-                                         compiler_args=args, inline_weights_to_neff=True)
+                                         compiler_args=args, inline_weights_to_neff=True,
+                                         **({} if self.device_present else {"cpu_backend": True}))
         except Exception as exc:  # compiler failures come in many types; report them as one
             raise CompileError(
                 f"neuronx-cc failed on {component} ({' '.join(args)}): {exc}{_log_tail(workdir)}") from exc
