@@ -75,9 +75,10 @@ class CoresBusy(PlacementError):
 
 
 def parse_core_list(text: str) -> tuple[int, ...]:
-    """``"0-3"`` -> (0, 1, 2, 3); ``"0,1"`` -> (0, 1); ``"0-1,4-5"`` -> (0, 1, 4, 5).
+    """``"0-3"`` -> (0, 1, 2, 3); ``"2,3"`` -> (2, 3); ``"4"`` -> (4,).
 
-    The syntax of ``NEURON_RT_VISIBLE_CORES``; raises ``BackendUnavailable`` on anything else.
+    The syntax of ``NEURON_RT_VISIBLE_CORES``, which the runtime accepts only as one contiguous range
+    (``3,5,6`` is refused); raises ``BackendUnavailable`` on anything else.
     """
     cores: set[int] = set()
     for part in str(text).split(","):
@@ -90,7 +91,13 @@ def parse_core_list(text: str) -> tuple[int, ...]:
         if last < first:
             raise BackendUnavailable(f"NEURON_RT_VISIBLE_CORES={text!r}: the range {part.strip()} runs backwards")
         cores.update(range(first, last + 1))
-    return tuple(sorted(cores))
+    ordered = tuple(sorted(cores))
+    if ordered and ordered[-1] - ordered[0] + 1 != len(ordered):
+        raise BackendUnavailable(
+            f"NEURON_RT_VISIBLE_CORES={text!r} is not one contiguous range; the Neuron runtime accepts only "
+            f"ranges such as {ordered[0]}-{ordered[-1]} or {ordered[0]}-{ordered[0] + 1}. Run one process per "
+            "contiguous range (docs/inferentia.md)")
+    return ordered
 
 
 def run_neuron_ls() -> Optional[list[dict[str, Any]]]:
@@ -145,13 +152,17 @@ class CoreInventory:
 def discover_cores(
     visible_cores: Optional[str] = None,
     *,
+    num_cores: Optional[str] = None,
     neuron_ls: Callable[[], Optional[list[dict[str, Any]]]] = run_neuron_ls,
     devices: Callable[[], Sequence[str]] = device_nodes,
     cores_per_device: int = CORES_PER_DEVICE,
 ) -> CoreInventory:
-    """The NeuronCores present, restricted to ``visible_cores`` (``NEURON_RT_VISIBLE_CORES`` syntax).
+    """The NeuronCores present, restricted to ``visible_cores`` (``NEURON_RT_VISIBLE_CORES``: one
+    contiguous range, as the runtime requires) or else to ``num_cores`` (``NEURON_RT_NUM_CORES``: the
+    runtime takes that many free cores; we plan with the first ones present).
 
-    Raises ``BackendUnavailable`` when no core is found or ``visible_cores`` names absent cores.
+    Device nodes ``/dev/neuronN`` carry cores ``N*2`` and ``N*2+1`` (device 1 -> cores 2, 3).
+    Raises ``BackendUnavailable`` when no core is found or the settings name cores that are absent.
     """
     listing = neuron_ls()
     hbm = HBM_PER_CORE
@@ -162,7 +173,8 @@ def discover_cores(
         source = "neuron-ls"
     else:
         nodes = list(devices())
-        physical = list(range(len(nodes) * cores_per_device))
+        indexes = sorted(int(re.sub(r"\D", "", os.path.basename(node)) or 0) for node in nodes)
+        physical = [index * cores_per_device + core for index in indexes for core in range(cores_per_device)]
         source = f"{len(nodes)} /dev/neuron* device{'s' if len(nodes) != 1 else ''} x {cores_per_device} cores"
     if not physical:
         raise BackendUnavailable(
@@ -177,6 +189,14 @@ def discover_cores(
                 f"machine has {_format_ids(physical)}")
         physical = [c for c in physical if c in wanted]
         source += f", NEURON_RT_VISIBLE_CORES={visible_cores}"
+    elif num_cores:
+        count = int(num_cores) if str(num_cores).strip().isdigit() else 0
+        if not 1 <= count <= len(physical):
+            raise BackendUnavailable(
+                f"NEURON_RT_NUM_CORES={num_cores!r}: expected a whole number from 1 to {len(physical)} (the "
+                f"NeuronCores this machine has: {_format_ids(physical)})")
+        physical = sorted(physical)[:count]
+        source += f", NEURON_RT_NUM_CORES={count}"
     return CoreInventory(tuple(sorted(physical)), hbm, source)
 
 

@@ -23,6 +23,8 @@ import contextlib
 import importlib.machinery
 import os
 import sys
+import threading
+import time
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -104,6 +106,9 @@ class RecordingTorchNeuronx(types.ModuleType):
         self.traces: list[TraceCall] = []
         self.data_parallels: list[DataParallelCall] = []
         self.core_contexts: list[tuple[int, int]] = []
+        self._context_lock = threading.Lock()
+        self._open_contexts = 0
+        self.max_open_contexts = 0
         self.untracked_loads: list[str] = []
         self.fail_components: set[str] = set()
         self.experimental = types.ModuleType("torch_neuronx.experimental")
@@ -167,8 +172,18 @@ class RecordingTorchNeuronx(types.ModuleType):
 
     @contextlib.contextmanager
     def neuron_cores_context(self, start_nc: int = -1, nc_count: int = -1) -> Iterator[None]:
+        """Records the cores asked for, and how many of these contexts were ever open at once (the
+        SDK documents the context as not thread-safe); it stays open a moment to let overlaps show."""
         self.core_contexts.append((start_nc, nc_count))
-        yield
+        with self._context_lock:
+            self._open_contexts += 1
+            self.max_open_contexts = max(self.max_open_contexts, self._open_contexts)
+        try:
+            time.sleep(0.02)
+            yield
+        finally:
+            with self._context_lock:
+                self._open_contexts -= 1
 
     # --- helpers for tests ---------------------------------------------------------------------------
 
@@ -179,6 +194,7 @@ class RecordingTorchNeuronx(types.ModuleType):
         self.traces.clear()
         self.data_parallels.clear()
         self.core_contexts.clear()
+        self.max_open_contexts = 0
 
 
 def install(monkeypatch: Any, torch_neuronx_version: str = RECORDED_TORCH_NEURONX_VERSION,

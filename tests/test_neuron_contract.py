@@ -12,6 +12,7 @@ import glob
 import io
 import re
 import sys
+import threading
 import types
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +25,7 @@ from PIL import Image
 
 import neuron_recorder
 from engine import (ArtifactMismatch, BackendUnavailable, CompileError, Engine, EngineSettings, GenerateRequest,
-                    ReplicaTarget, Size)
+                    ReplicaTarget, Size, VariantKey)
 from engine.backends import make_backend
 from engine.backends.neuron import NeuronBackend, compiler_args, neuron_attention
 from engine.compile import compile_all, compile_variant, plan
@@ -395,6 +396,23 @@ def test_recorded_twelve_replicas_on_disjoint_pairs_share_the_requests(recorded)
         assert sorted(w["replica"] for w in warm) == list(range(12))
         assert sorted(tuple(w["physical_cores"]) for w in warm) == sorted(
             tuple(sorted(dp.device_ids)) for dp in recorder.data_parallels)
+    finally:
+        engine.close()
+
+
+def test_recorded_concurrent_loads_never_overlap_in_the_core_context(recorded):
+    """Four replicas loading on four worker threads (RECORDING stand-in): the core-selection context
+    is never entered by two loads at once."""
+    recorded.recorder.reset()
+    engine = Engine(recorded.registry, inf2_48xlarge(), EngineSettings(replicas=(ReplicaTarget("tiny-sd15", None, 4),)))
+    try:
+        threads = [threading.Thread(target=engine.pool.ensure_replicas, args=(VariantKey("tiny-sd15", SIZE), 4))
+                   for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(recorded.recorder.core_contexts) >= 4 and recorded.recorder.max_open_contexts == 1
     finally:
         engine.close()
 

@@ -59,13 +59,35 @@ def test_discovery_prefers_neuron_ls_and_its_memory_size():
     assert inventory.pairs()[:2] == ((0, 1), (2, 3))
 
 
-@pytest.mark.parametrize("visible,physical", [("0-3", (0, 1, 2, 3)), ("0,1", (0, 1)), ("2-3,6", (2, 3, 6))])
+@pytest.mark.parametrize("visible,physical", [("0-3", (0, 1, 2, 3)), ("0,1", (0, 1)), ("2-3,4", (2, 3, 4)),
+                                              ("6-7", (6, 7))])
 def test_visible_cores_restrict_discovery(visible, physical):
     inventory = discover_cores(visible, neuron_ls=lambda: neuron_ls(12), devices=lambda: [])
     assert inventory.physical == physical
     assert f"NEURON_RT_VISIBLE_CORES={visible}" in inventory.describe()
     # logical ids 0..n-1 are what torch-neuronx takes; physical ids are what neuron-ls shows
     assert inventory.physical_ids((0, 1)) == physical[:2]
+
+
+@pytest.mark.parametrize("visible", ["3,5,6", "0-1,4-5", "0,2"])
+def test_visible_cores_must_be_one_contiguous_range(visible):
+    """The runtime rejects gaps: say so before it does, with the range to use instead."""
+    with pytest.raises(BackendUnavailable, match="not one contiguous range.*such as"):
+        discover_cores(visible, neuron_ls=lambda: neuron_ls(12), devices=lambda: [])
+
+
+def test_num_cores_limits_discovery_when_no_cores_are_named():
+    inventory = discover_cores(num_cores="4", neuron_ls=lambda: neuron_ls(12), devices=lambda: [])
+    assert inventory.physical == (0, 1, 2, 3) and "NEURON_RT_NUM_CORES=4" in inventory.describe()
+    assert discover_cores("2-3", num_cores="8", neuron_ls=lambda: neuron_ls(12), devices=lambda: []).physical == (2, 3)
+    with pytest.raises(BackendUnavailable, match="NEURON_RT_NUM_CORES='30'.*from 1 to 24"):
+        discover_cores(num_cores="30", neuron_ls=lambda: neuron_ls(12), devices=lambda: [])
+
+
+def test_device_nodes_number_cores_from_the_device_index():
+    """Only /dev/neuron1 and /dev/neuron3 are present (e.g. a container given those): cores 2,3 and 6,7."""
+    inventory = discover_cores(neuron_ls=lambda: None, devices=lambda: ["/dev/neuron1", "/dev/neuron3"])
+    assert inventory.physical == (2, 3, 6, 7)
 
 
 def test_visible_cores_errors_are_clear():

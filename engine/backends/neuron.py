@@ -27,6 +27,7 @@ import importlib
 import logging
 import os
 import shutil
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -76,6 +77,11 @@ def apply_neuron_environment() -> dict[str, str]:
 def visible_cores_setting() -> Optional[str]:
     """``NEURON_RT_VISIBLE_CORES`` as the Neuron runtime reads it (read-only), or None when unset."""
     return os.environ.get(VISIBLE_CORES_VARIABLE) or None
+
+
+def num_cores_setting() -> Optional[str]:
+    """``NEURON_RT_NUM_CORES`` (read-only), or None when unset."""
+    return os.environ.get("NEURON_RT_NUM_CORES") or None
 
 
 def import_sdk() -> ModuleType:
@@ -235,6 +241,9 @@ class NeuronBackend(Backend):
 
     name = "neuron"
     fixed_shape = True
+    # One Neuron load at a time in this process: the pool loads replicas and models on several
+    # worker threads, and torch-neuronx's core-selection context is documented as not thread-safe.
+    _load_lock = threading.Lock()
 
     def __init__(self, inventory: Optional[CoreInventory] = None, optlevel: Optional[int] = None,
                  keep_compiler_workdirs: bool = False, target: str = DEFAULT_TARGET,
@@ -271,7 +280,7 @@ class NeuronBackend(Backend):
     def core_inventory(self) -> CoreInventory:
         """The NeuronCores this process may use (discovered once)."""
         if self._inventory is None:
-            self._inventory = discover_cores(visible_cores_setting())
+            self._inventory = discover_cores(visible_cores_setting(), num_cores=num_cores_setting())
             log.info("neuron backend: %s", self._inventory.describe())
         return self._inventory
 
@@ -381,6 +390,12 @@ class NeuronBackend(Backend):
         self, component: str, path: Path, entry: dict[str, Any], device_ids: Optional[Sequence[int]] = None
     ) -> Callable[..., Any]:
         """The UNet as ``DataParallel`` over ``device_ids``; anything else on ``device_ids[0]``."""
+        with self._load_lock:
+            return self._load_component(component, path, entry, device_ids)
+
+    def _load_component(
+        self, component: str, path: Path, entry: dict[str, Any], device_ids: Optional[Sequence[int]]
+    ) -> Callable[..., Any]:
         ids = list(device_ids) if device_ids else list(self.core_inventory().pairs()[0])
         if component == UNET:
             cores = int((entry.get("layout") or {}).get("cores", UNET_CORES))
