@@ -52,6 +52,7 @@ class TraceCall:
     graph_ops: frozenset[str]
     traced: Any = field(repr=False)
     trace_kwargs: dict[str, Any] = field(default_factory=dict)  # further keyword arguments, e.g. cpu_backend
+    weight_dtypes: frozenset[str] = frozenset()  # dtypes of the traced module's floating parameters
     async_loaded: bool = False
     lazy_loaded: bool = False
 
@@ -139,6 +140,8 @@ class RecordingTorchNeuronx(types.ModuleType):
             graph_ops=frozenset(),
             traced=None,
             trace_kwargs=dict(kwargs),
+            weight_dtypes=frozenset(str(p.dtype).replace("torch.", "") for p in func.parameters()
+                                    if p.is_floating_point()) if hasattr(func, "parameters") else frozenset(),
         )
         self.traces.append(call)
         if call.component in self.fail_components:

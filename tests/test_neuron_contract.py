@@ -131,10 +131,28 @@ def test_recorded_bf16_and_optlevel_reach_the_compiler(tiny_dir, tmp_path, monke
                                   "--auto-cast", "matmult", "--auto-cast-type", "bf16", "-O1"]
     assert all(t.compiler_args[-5:] == ["--auto-cast", "matmult", "--auto-cast-type", "bf16", "-O1"]
                for t in recorder.traces)
-    # the model stays fp32: precision is the compiler's auto-cast, inputs stay float32
+    # UNet and text encoder are traced with bf16 weights and inputs (as the SD2.1 sample); the VAE keeps fp32
     manifest = artifacts.read_manifest(artifacts.variant_dir(registry.artifacts_dir, "tiny-sd21", SIZE, "neuron"))
     assert manifest["dtype"] == "bf16"
-    assert {e["input_dtype"] for e in manifest["components"].values()} == {"float32"}
+    weights = {t.component: t.weight_dtypes for t in recorder.traces}
+    assert weights["unet"] == weights["text_encoder"] == {"bfloat16"}
+    assert weights["vae_decoder"] == weights["vae_encoder"] == {"float32"}
+    dtypes = {name: e["input_dtype"] for name, e in manifest["components"].items()}
+    assert dtypes["unet"] == dtypes["text_encoder"] == "bfloat16" and dtypes["vae_decoder"] == "float32"
+    # ... which halves the UNet's artifact, and the placement footprint follows the manifest
+    fp32_registry = load_registry(write_registry(tiny_dir, tmp_path / "fp32", ["tiny-sd21"]))
+    compile_variant(fp32_registry, fp32_registry.get("tiny-sd21"), SIZE, NeuronBackend(inventory=CoreInventory((0, 1))),
+                    log=lambda line: None)
+    fp32 = artifacts.read_manifest(artifacts.variant_dir(fp32_registry.artifacts_dir, "tiny-sd21", SIZE, "neuron"))
+    assert manifest["components"]["unet"]["bytes"] < 0.6 * fp32["components"]["unet"]["bytes"]
+    assert footprint_from_manifest(manifest).unet_bytes < 0.6 * footprint_from_manifest(fp32).unet_bytes
+    # and it still generates (bf16 inputs in, float32 out of each compiled part)
+    engine = Engine(registry, NeuronBackend(inventory=CoreInventory((0, 1))), EngineSettings(max_warm=1))
+    try:
+        image = engine.generate(GenerateRequest(model="tiny-sd21", prompt="p", seed=1, steps=2)).images[0].image
+        assert image.size == (64, 64)
+    finally:
+        engine.close()
     with pytest.raises(CompileError, match="1, 2 or 3"):
         compiler_args(FAMILIES["sd15"], "unet", "fp32", optlevel=4)
 
