@@ -129,8 +129,9 @@ def compiler_args(family: Family, component: str, dtype: str, optlevel: Optional
     * ``--model-type=unet-inference`` for the UNet and the VAE decoder and encoder (U-Net shaped
       convolution graphs), ``--model-type=transformer`` for the text encoders (as optimum-neuron's
       exporter passes them);
-    * ``--enable-fast-loading-neuron-binaries`` everywhere except the SDXL UNet (the samples leave it
-      out there; the uncompressed binary of a 2.6B-parameter UNet is too large to gain from it);
+    * ``--enable-fast-loading-neuron-binaries`` everywhere except the SDXL UNet, which the
+      aws-neuron-samples SDXL notebook compiles without it (the sample gives no reason; we follow
+      the recipe that was validated on hardware rather than guess at one);
     * precision from the registry dtype: fp32 is ``--auto-cast none`` (neuronx-cc otherwise casts
       matrix multiplications to bf16 by default), bf16 is ``--auto-cast matmult --auto-cast-type bf16``;
     * ``-O1``/``-O2``/``-O3`` when ``optlevel`` is given (the compiler's default is 2).
