@@ -153,6 +153,7 @@ def discover_cores(
     visible_cores: Optional[str] = None,
     *,
     num_cores: Optional[str] = None,
+    own_pid: Optional[int] = None,
     neuron_ls: Callable[[], Optional[list[dict[str, Any]]]] = run_neuron_ls,
     devices: Callable[[], Sequence[str]] = device_nodes,
     cores_per_device: int = CORES_PER_DEVICE,
@@ -162,7 +163,8 @@ def discover_cores(
     runtime takes that many free cores; we plan with the first ones present).
 
     Device nodes ``/dev/neuronN`` carry cores ``N*2`` and ``N*2+1`` (device 1 -> cores 2, 3).
-    Raises ``BackendUnavailable`` when no core is found or the settings name cores that are absent.
+    Raises ``BackendUnavailable`` when no core is found, the settings name cores that are absent, or
+    neuron-ls shows another process on the cores this one would use.
     """
     listing = neuron_ls()
     hbm = HBM_PER_CORE
@@ -197,6 +199,9 @@ def discover_cores(
                 f"NeuronCores this machine has: {_format_ids(physical)})")
         physical = sorted(physical)[:count]
         source += f", NEURON_RT_NUM_CORES={count}"
+    owners = core_owners(listing, physical, own_pid)
+    if owners:
+        raise BackendUnavailable(owners_message(owners))
     return CoreInventory(tuple(sorted(physical)), hbm, source)
 
 
@@ -214,6 +219,42 @@ def _from_neuron_ls(listing: list[dict[str, Any]]) -> tuple[list[int], list[int]
         if isinstance(memory, (int, float)) and memory > 0:
             per_core_memory.append(int(memory) // count)
     return physical, per_core_memory
+
+
+@dataclass(frozen=True)
+class CoreOwner:
+    """Another process holding NeuronCores (from ``neuron-ls``): a core belongs to one process."""
+
+    pid: int
+    command: str
+    cores: tuple[int, ...]
+
+
+def core_owners(listing: Optional[list[dict[str, Any]]], cores: Sequence[int],
+                own_pid: Optional[int] = None) -> list[CoreOwner]:
+    """The processes other than ``own_pid`` that ``neuron-ls --json-output`` shows on the devices
+    carrying ``cores``. neuron-ls reports processes per device (two cores on inf2/trn1)."""
+    own_pid = os.getpid() if own_pid is None else own_pid
+    owners: dict[int, CoreOwner] = {}
+    offset = 0
+    for device in listing or ():
+        count = int(device.get("nc_count") or len(device.get("neuroncore_ids") or ()) or CORES_PER_DEVICE)
+        ids = tuple(int(i) for i in (device.get("neuroncore_ids") or range(offset, offset + count)))
+        offset += count
+        shared = tuple(c for c in ids if c in cores)
+        for process in device.get("neuron_processes") or ():
+            pid = int(process.get("pid", 0) or 0) if isinstance(process, dict) else 0
+            if pid and pid != own_pid and shared:
+                known = owners.get(pid)
+                owners[pid] = CoreOwner(pid, str(process.get("command", "?"))[:80],
+                                        tuple(sorted({*(known.cores if known else ()), *shared})))
+    return list(owners.values())
+
+
+def owners_message(owners: Sequence[CoreOwner]) -> str:
+    held = "; ".join(f"process {o.pid} ({o.command}) holds NeuronCores {_format_ids(o.cores)}" for o in owners)
+    return (f"{held}. A NeuronCore belongs to one process: stop that process, or give this one other cores "
+            "with NEURON_RT_VISIBLE_CORES=<first>-<last> (one contiguous range; see docs/inferentia.md)")
 
 
 def _format_ids(ids: Sequence[int]) -> str:

@@ -159,7 +159,8 @@ def test_recorded_bf16_and_optlevel_reach_the_compiler(tiny_dir, tmp_path, monke
 
 def test_recorded_compile_without_a_device_passes_the_target_and_the_cpu_backend(tiny_dir, tmp_path, monkeypatch):
     """A build box without /dev/neuron* (RECORDING stand-in): every trace gets --target=<target> and
-    cpu_backend=True; with a device present, no cpu_backend; trn1 reaches the compiler and the key."""
+    cpu_backend=True; with a free device present, no cpu_backend; with the device held by another
+    process (the serving app), cpu_backend again; trn1 reaches the compiler and the key."""
     recorder = neuron_recorder.install(monkeypatch)
     registry = load_registry(write_registry(tiny_dir, tmp_path, ["tiny-sd15"]))
     spec = registry.get("tiny-sd15")
@@ -171,9 +172,16 @@ def test_recorded_compile_without_a_device_passes_the_target_and_the_cpu_backend
     manifest = artifacts.read_manifest(artifacts.variant_dir(registry.artifacts_dir, "tiny-sd15", SIZE, "neuron"))
     assert manifest["target"]["compiler_target"] == "trn1"
     recorder.reset()
-    on_device = NeuronBackend(inventory=CoreInventory((0, 1)), device_present=True)
+    on_device = NeuronBackend(inventory=CoreInventory((0, 1)), device_present=True, neuron_ls=lambda: None)
     compile_variant(registry, spec, SIZE, on_device, log=lambda line: None)
     assert recorder.traces and all(t.trace_kwargs == {} for t in recorder.traces)
+    # compile_all.py on a box whose cores the serving app holds: trace without starting the runtime
+    recorder.reset()
+    serving = [{"neuron_device": 0, "nc_count": 2, "neuroncore_ids": [0, 1],
+                "neuron_processes": [{"pid": 999999, "command": "python app.py"}]}]
+    busy_box = NeuronBackend(inventory=CoreInventory((0, 1)), device_present=True, neuron_ls=lambda: serving)
+    compile_variant(registry, spec, SIZE, busy_box, log=lambda line: None)
+    assert recorder.traces and all(t.trace_kwargs == {"cpu_backend": True} for t in recorder.traces)
     assert on_device.stack_key() != build_box.stack_key()  # an inf2 box will not load trn1 artifacts
     with pytest.raises(CompileError, match="inf2, trn1, trn2"):
         compiler_args(FAMILIES["sd15"], "unet", "fp32", target="inf1")

@@ -292,3 +292,14 @@ def test_evicting_a_model_drops_all_its_idle_replicas_and_frees_their_cores():
     use(pool, "b")
     assert evictions == ["a", "a"] and [i.key.model for i in pool.snapshot()] == ["b"]
     assert plan.placement(ReplicaKey(key("a"), 1)) is None
+
+
+def test_cores_held_by_another_process_are_refused_naming_it():
+    listing = neuron_ls(2)
+    listing[0]["neuron_processes"] = [{"pid": 4242, "command": "python app.py --port 7861"}]
+    with pytest.raises(BackendUnavailable, match=r"process 4242 \(python app.py --port 7861\) holds NeuronCores 0-1"
+                                                 r".*belongs to one process.*NEURON_RT_VISIBLE_CORES"):
+        discover_cores(neuron_ls=lambda: listing, devices=lambda: [], own_pid=1)
+    # our own process, or another process on cores we do not use, is no obstacle
+    assert discover_cores(neuron_ls=lambda: listing, devices=lambda: [], own_pid=4242).count == 4
+    assert discover_cores("2-3", neuron_ls=lambda: listing, devices=lambda: [], own_pid=1).physical == (2, 3)

@@ -39,7 +39,8 @@ from torch import nn
 
 from ..errors import ArtifactMismatch, BackendUnavailable, CompileError
 from ..families import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_ENCODER, Family
-from ..placement import CoreInventory, device_nodes, discover_cores, footprint_from_manifest
+from ..placement import (CoreInventory, core_owners, device_nodes, discover_cores, footprint_from_manifest,
+                         owners_message, run_neuron_ls)
 from . import NEURON_TARGETS
 from .base import COMPONENT_FILE, Backend, input_specs
 
@@ -251,13 +252,15 @@ class NeuronBackend(Backend):
 
     def __init__(self, inventory: Optional[CoreInventory] = None, optlevel: Optional[int] = None,
                  keep_compiler_workdirs: bool = False, target: str = DEFAULT_TARGET,
-                 device_present: Optional[bool] = None):
+                 device_present: Optional[bool] = None,
+                 neuron_ls: Callable[[], Optional[list[dict[str, Any]]]] = run_neuron_ls):
         self._sdk = import_sdk()
         self._inventory = inventory
         self.optlevel = optlevel
         self.compile_target = target
         # No /dev/neuron* here (a build box): trace on the CPU backend (cpu_backend=True)
         self.device_present = bool(device_nodes()) if device_present is None else device_present
+        self._neuron_ls = neuron_ls
         self.keep_compiler_workdirs = keep_compiler_workdirs
         self._versions: Optional[dict[str, str]] = None
 
@@ -365,8 +368,7 @@ class NeuronBackend(Backend):
         try:
             with torch.no_grad():
                 traced = self._sdk.trace(module.eval(), inputs, compiler_workdir=str(workdir),
-                                         compiler_args=args, inline_weights_to_neff=True,
-                                         **({} if self.device_present else {"cpu_backend": True}))
+                                         compiler_args=args, inline_weights_to_neff=True, **self._trace_options())
         except Exception as exc:  # compiler failures come in many types; report them as one
             raise CompileError(
                 f"neuronx-cc failed on {component} ({' '.join(args)}): {exc}{_log_tail(workdir)}") from exc
@@ -392,6 +394,19 @@ class NeuronBackend(Backend):
         if layout:
             entry["layout"] = layout
         return entry
+
+    def _trace_options(self) -> dict[str, Any]:
+        """``cpu_backend=True`` where tracing must not start the Neuron runtime: no device here, or
+        another process (e.g. the serving app) holds the NeuronCores — a core belongs to one process."""
+        if not self.device_present:
+            return {"cpu_backend": True}
+        listing = self._neuron_ls()
+        every_core = [int(c) for d in listing or () for c in d.get("neuroncore_ids") or ()]
+        owners = core_owners(listing, every_core)
+        if owners:
+            log.warning("compiling without the Neuron device (cpu_backend=True): %s", owners_message(owners))
+            return {"cpu_backend": True}
+        return {}
 
     # --- loading ----------------------------------------------------------------------------------
 
