@@ -101,12 +101,13 @@ def _load_compiled(registry: Registry, spec: ModelSpec, size: Size, backend: Bac
 
     device = backend.device
     components: dict[str, Any] = {}
+    # The UNet first and alone: it is most of the bytes, and host RAM peaks while it loads.
+    unets = {entries[name]["batch"]: runner(name) for name in entries if is_unet(name)}
+    components[UNET] = CompiledUNet(unets, parts.unet_config, dtype_of(UNET), device, family.has_added_conditions)
     for name in family.text_encoders:
         components[name] = CompiledTextEncoder(
             runner(name), parts.text_encoder_configs[name], entries[name]["batch"], dtype_of(name), device,
             returns_hidden=family.name == "sdxl")
-    unets = {entries[name]["batch"]: runner(name) for name in entries if is_unet(name)}
-    components[UNET] = CompiledUNet(unets, parts.unet_config, dtype_of(UNET), device, family.has_added_conditions)
     components["vae"] = CompiledVAE(runner(VAE_DECODER), runner(VAE_ENCODER), parts.vae_config,
                                     entries[VAE_DECODER]["batch"], dtype_of(VAE_DECODER), device)
     components.update(parts.tokenizers)

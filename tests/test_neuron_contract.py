@@ -25,6 +25,7 @@ from PIL import Image
 
 import neuron_recorder
 from engine import (ArtifactMismatch, BackendUnavailable, CompileError, Engine, EngineSettings, GenerateRequest,
+                    ModelLoadError,
                     ReplicaTarget, Size, VariantKey)
 from engine.backends import make_backend
 from engine.backends.neuron import NeuronBackend, compiler_args, neuron_attention
@@ -501,6 +502,23 @@ def test_recorded_artifact_too_big_for_a_core_is_refused(recorded):
     tiny_memory = NeuronBackend(inventory=CoreInventory((0, 1), 1024, "test"))
     with pytest.raises(ArtifactMismatch, match=r"needs 0\.0 GiB on one NeuronCore.*dtype: bf16.*--force"):
         load_compiled(recorded.registry, spec, SIZE, tiny_memory, (0, 1))
+
+
+def test_recorded_load_without_enough_host_ram_is_refused_before_reading_binaries(recorded):
+    """inf2.xlarge-like host RAM for a model whose binaries need more (RECORDING stand-in): a clear
+    refusal naming the instance types that fit, before any component loads."""
+    spec = recorded.registry.get("tiny-sdxl")
+    manifest = manifest_of(recorded, "tiny-sdxl")
+    needed = sum(e["bytes"] for e in manifest["components"].values())
+    small_host = NeuronBackend(inventory=CoreInventory((0, 1)), available_ram=lambda: needed // 2)
+    recorded.recorder.reset()
+    with pytest.raises(ModelLoadError, match=r"needs about .* GiB of free host RAM.*inf2\.xlarge, inf2\.8xlarge"):
+        load_compiled(recorded.registry, spec, SIZE, small_host, (0, 1))
+    assert recorded.recorder.data_parallels == [] and recorded.recorder.core_contexts == []
+    roomy = NeuronBackend(inventory=CoreInventory((0, 1)), available_ram=lambda: needed * 2)
+    warm = load_compiled(recorded.registry, spec, SIZE, roomy, (0, 1))
+    assert list(warm.components)[0] == "unet"  # the UNet loads first and alone
+    assert recorded.recorder.data_parallels and recorded.recorder.core_contexts  # UNet, then the rest
 
 
 def test_missing_sdk_is_a_clear_backend_unavailable(monkeypatch):

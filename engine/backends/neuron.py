@@ -34,10 +34,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+import psutil
 import torch
 from torch import nn
 
-from ..errors import ArtifactMismatch, BackendUnavailable, CompileError
+from ..errors import ArtifactMismatch, BackendUnavailable, CompileError, ModelLoadError
 from ..families import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_ENCODER, Family
 from ..placement import (CoreInventory, core_owners, device_nodes, discover_cores, footprint_from_manifest,
                          owners_message, run_neuron_ls)
@@ -53,6 +54,10 @@ VISIBLE_CORES_VARIABLE = "NEURON_RT_VISIBLE_CORES"
 # The UNet runs DataParallel over this many cores, one row of the CFG pair on each.
 UNET_CORES = 2
 DEFAULT_TARGET = NEURON_TARGETS[0]
+# Host RAM a load takes per byte of Neuron binaries (the file is read, then handed to the runtime):
+# an estimate with margin, not a measurement.
+HOST_RAM_PER_ARTIFACT_BYTE = 1.5
+INSTANCE_HOST_RAM_GIB = {"inf2.xlarge": 16, "inf2.8xlarge": 128, "inf2.24xlarge": 384, "inf2.48xlarge": 768}
 # With dtype bf16 these are traced with bf16 weights (the SD2.1 sample casts the UNet and the text
 # encoder); the VAE keeps fp32 weights (decoding in bf16 bands colours) with bf16 matmuls.
 BF16_WEIGHTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)
@@ -253,7 +258,8 @@ class NeuronBackend(Backend):
     def __init__(self, inventory: Optional[CoreInventory] = None, optlevel: Optional[int] = None,
                  keep_compiler_workdirs: bool = False, target: str = DEFAULT_TARGET,
                  device_present: Optional[bool] = None,
-                 neuron_ls: Callable[[], Optional[list[dict[str, Any]]]] = run_neuron_ls):
+                 neuron_ls: Callable[[], Optional[list[dict[str, Any]]]] = run_neuron_ls,
+                 available_ram: Callable[[], int] = lambda: psutil.virtual_memory().available):
         self._sdk = import_sdk()
         self._inventory = inventory
         self.optlevel = optlevel
@@ -261,6 +267,7 @@ class NeuronBackend(Backend):
         # No /dev/neuron* here (a build box): trace on the CPU backend (cpu_backend=True)
         self.device_present = bool(device_nodes()) if device_present is None else device_present
         self._neuron_ls = neuron_ls
+        self._available_ram = available_ram
         self.keep_compiler_workdirs = keep_compiler_workdirs
         self._versions: Optional[dict[str, str]] = None
 
@@ -331,12 +338,28 @@ class NeuronBackend(Backend):
                 f"{cores} cores, batch {per_core} each) but this process sees {inventory.describe()}. Make at least "
                 f"{needed} cores visible (e.g. NEURON_RT_VISIBLE_CORES=0-{needed - 1}), or {recompile} for this "
                 f"layout once it is supported")
+        self._check_host_ram(manifest, where)
         footprint = footprint_from_manifest(manifest)
         if footprint.home_core_bytes > inventory.hbm_bytes_per_core:
             raise ArtifactMismatch(
                 f"{where} {manifest.get('size', '')} needs {footprint.home_core_bytes / 2**30:.1f} GiB on one "
                 f"NeuronCore, more than its {inventory.hbm_bytes_per_core / 2**30:.1f} GiB; set dtype: bf16 for it "
                 f"in the registry and {recompile}")
+
+    def _check_host_ram(self, manifest: dict[str, Any], where: str) -> None:
+        """Loading reads every Neuron binary of the variant into host memory before the device takes
+        it: refuse up front, naming the instance types that fit, rather than be killed for memory."""
+        needed = int(sum(int(e.get("bytes", 0)) for e in (manifest.get("components") or {}).values())
+                     * HOST_RAM_PER_ARTIFACT_BYTE)
+        available = self._available_ram()
+        if needed <= available:
+            return
+        fits = [name for name, ram in INSTANCE_HOST_RAM_GIB.items() if ram * 2**30 * 0.8 >= needed]
+        raise ModelLoadError(
+            f"{where} {manifest.get('size', '')} needs about {needed / 2**30:.1f} GiB of free host RAM to load its "
+            f"Neuron binaries, and {available / 2**30:.1f} GiB is free. Free memory (fewer warm models: --max-warm) "
+            f"or use an instance with more RAM: {', '.join(fits) or 'none of the inf2 sizes'}"
+            f"{' (SDXL on inf2.xlarge is unsupported upstream, aws-neuron-sdk issue 753)' if 'inf2.xlarge' not in fits else ''}")
 
     # --- compiling --------------------------------------------------------------------------------
 
