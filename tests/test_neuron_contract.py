@@ -527,7 +527,7 @@ def test_missing_sdk_is_a_clear_backend_unavailable(monkeypatch):
         make_backend("neuron")
     message = str(failure.value)
     assert "torch_neuronx is not installed" in message
-    assert "source /opt/aws_neuron_venv_pytorch/bin/activate" in message and "--backend cpu" in message
+    assert "source /opt/aws_neuronx_venv_pytorch_2_9/bin/activate" in message and "--backend cpu" in message
     monkeypatch.setitem(sys.modules, "torch_neuronx", types.ModuleType("torch_neuronx"))  # no trace(): placeholder
     with pytest.raises(BackendUnavailable, match="placeholder"):
         make_backend("neuron")

@@ -67,7 +67,7 @@ COMPILER_LOG = "log-neuron-cc.txt"
 SDK_HINT = (
     "The neuron backend needs the AWS Neuron SDK (torch-neuronx and neuronx-cc), which only installs from "
     "https://pip.repos.neuron.amazonaws.com: on an inf2/trn1 instance run "
-    "`source /opt/aws_neuron_venv_pytorch/bin/activate` (Neuron Deep Learning AMI) before starting. "
+    "`source /opt/aws_neuronx_venv_pytorch_2_9/bin/activate` (Neuron DLAMI, SDK 2.31) before starting. "
     "PyPI's torch-neuronx and neuronx-cc are empty placeholders. Use --backend cpu elsewhere; see docs/inferentia.md.")
 
 
