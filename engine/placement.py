@@ -42,9 +42,11 @@ CORES_PER_DEVICE = 2
 # inf2: 32 GB of HBM per Inferentia2 device, shared by its two cores -> 16 GB per core. neuron-ls
 # reports the real figure (``memory_size`` per device), which replaces this default when present.
 HBM_PER_CORE = 16 * GIB
-# Device memory a loaded NEFF needs beyond its file size (runtime scratchpad, I/O tensors). An
-# estimate, not a measurement: SDXL fp32 (about 13.6 GB on its home core) must still fit in 16 GB,
-# as the aws-neuron-samples run it on one pair.
+# Device memory a loaded NEFF needs beyond its file size: the runtime's scratchpad for activations
+# and its I/O tensors. NOT measured (no published per-model activation figures in the samples); the
+# margin is bounded from above by the samples running SDXL fp32 (about 13.6 GB of binaries on its
+# home core) on one 16 GB core: at most ~17 % here, so 5 % is a floor, not a guarantee. Watch
+# `neuron-top` on real loads and raise it if a placement the plan accepts fails to load.
 DEVICE_OVERHEAD = 1.05
 PAIR_SIZE = 2
 

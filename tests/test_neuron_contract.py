@@ -565,3 +565,48 @@ def test_real_hardware_compile_and_generate_tiny_sd15(tiny_dir, tmp_path, cpu_en
     assert status["warm"][0]["device_ids"] == [0, 1] and status["warm"][0]["warmup_seconds"] > 0
     difference = np.abs(pixels(image) - pixels(cpu_engine.generate(request).images[0].image))
     assert difference.mean() < 2.0
+
+
+def _hardware_app(registry_path: Path, cores: str, port: int):
+    """``app.py`` on real NeuronCores ``cores`` (NEURON_RT_VISIBLE_CORES), as an admin starts it."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "NEURON_RT_VISIBLE_CORES": cores}
+    return subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--backend", "neuron", "--registry",
+                             str(registry_path), "--port", str(port), "--no-autocompile"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.neuron
+@pytest.mark.skipif(not HAS_NEURON_DEVICE or len(glob.glob("/dev/neuron[0-9]*")) < 2,
+                    reason="needs two Neuron devices (/dev/neuron0, /dev/neuron1) and the Neuron SDK")
+def test_real_hardware_a_model_off_core_0_and_a_second_process_refused(tiny_dir, tmp_path, monkeypatch):
+    """On inf2.24xlarge or larger: a model placed on cores 2-3 generates (optimum-neuron PR 725 saw
+    "Tensor allocated on vnc 0 must be allocated on same vnc as model" there), and a second app on
+    the same cores is refused naming the first."""
+    import time
+    import urllib.request
+
+    path = write_registry(tiny_dir, tmp_path, ["tiny-sd15"])
+    registry = load_registry(path)
+    compile_all(registry, make_backend("neuron"), log=print)
+    monkeypatch.setenv("NEURON_RT_VISIBLE_CORES", "2-3")
+    engine = Engine(registry, make_backend("neuron"))
+    image = engine.generate(GenerateRequest(model="tiny-sd15", prompt="p", seed=1, steps=2)).images[0].image
+    assert image.size == (64, 64) and engine.status()["warm"][0]["physical_cores"] == [2, 3]
+    first = _hardware_app(path, "0-1", 7991)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                if urllib.request.urlopen("http://127.0.0.1:7991/ping", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(2)
+        second = _hardware_app(path, "0-1", 7992)
+        output, _ = second.communicate(timeout=600)
+        assert second.returncode != 0 and f"process {first.pid}" in output and "belongs to one process" in output
+    finally:
+        first.terminate()
+        first.wait(60)
