@@ -114,7 +114,7 @@ def _compile_one(backend, family, component, module, size, shapes, dtype, partia
     inputs = example_inputs(family, component, size.width, size.height, shapes)
     kind = UNET if is_unet(component) else component  # every UNet artifact is compiled as the UNet
     wrapped = traceable(family, kind, module)
-    with backend.tracing(family):
+    with backend.tracing(family, kind):
         entry = backend.compile_component(family, kind, wrapped, inputs, partial.component_dir(component), dtype)
     partial.record(component, entry)
     log(f"  {component:<15} done in {time.perf_counter() - started:.1f}s")

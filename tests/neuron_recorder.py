@@ -215,3 +215,43 @@ def install(monkeypatch: Any, torch_neuronx_version: str = RECORDED_TORCH_NEURON
     monkeypatch.setitem(sys.modules, "neuronxcc", compiler)
     monkeypatch.delenv("NEURON_FUSE_SOFTMAX", raising=False)
     return recorder
+
+
+@dataclass
+class KernelCall:
+    """One call of the stand-in NKI flash-attention kernel."""
+
+    shapes: list[tuple[int, ...]]
+    scale: float
+    kernel_name: str
+
+
+def install_nki_flash_attention(monkeypatch: Any) -> list[KernelCall]:
+    """A RECORDING STAND-IN for the SDK's NKI flash-attention kernel (``neuronxcc.nki`` +
+    ``torch_neuronx.xla_impl.ops.nki_jit``): the "kernel" records its calls and computes attention
+    with torch ops in the layout the engine hands it (q, k: [B*H, D, S]; v: [B*H, S, D]) into the
+    output tensor, so traced UNets stay correct on CPU. Install after ``install``."""
+    calls: list[KernelCall] = []
+
+    def attention_isa_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, out: torch.Tensor,
+                             kernel_name: str = "") -> None:
+        calls.append(KernelCall([tuple(q.shape), tuple(k.shape), tuple(v.shape), tuple(out.shape)], scale, kernel_name))
+        probs = (torch.bmm(q.transpose(1, 2).float(), k.float()) * scale).softmax(dim=-1)
+        out.copy_(torch.bmm(probs, v.float()).to(out.dtype))
+
+    def nki_jit(*_: Any, **__: Any) -> Any:
+        return lambda kernel: kernel
+
+    modules = {
+        "neuronxcc.nki": types.ModuleType("neuronxcc.nki"),
+        "neuronxcc.nki._private_kernels": types.ModuleType("neuronxcc.nki._private_kernels"),
+        "neuronxcc.nki._private_kernels.attention": types.ModuleType("neuronxcc.nki._private_kernels.attention"),
+        "torch_neuronx.xla_impl": types.ModuleType("torch_neuronx.xla_impl"),
+        "torch_neuronx.xla_impl.ops": types.ModuleType("torch_neuronx.xla_impl.ops"),
+    }
+    modules["neuronxcc.nki._private_kernels.attention"].attention_isa_kernel = attention_isa_kernel  # type: ignore[attr-defined]
+    modules["torch_neuronx.xla_impl.ops"].nki_jit = nki_jit  # type: ignore[attr-defined]
+    for name, module in modules.items():
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, module)
+    return calls

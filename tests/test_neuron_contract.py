@@ -263,6 +263,37 @@ def test_recorded_attention_patch_is_active_only_while_tracing(recorded):
     assert AttnProcessor2_0.__dict__["__call__"] is original_call
 
 
+def test_recorded_nki_flash_attention_traces_the_unets_self_attention(tiny_dir, tmp_path, monkeypatch, cpu_engine):
+    """Where the SDK has the NKI flash-attention kernel (RECORDING stand-ins for torch-neuronx and the
+    kernel): the UNet's self-attention calls it in the samples' layout, cross-attention and the other
+    components keep the bmm/softmax patch, the manifest says which, SDPA is restored afterwards, and
+    the image matches the cpu backend's."""
+    import torch.nn.functional as functional
+
+    neuron_recorder.install(monkeypatch)
+    calls = neuron_recorder.install_nki_flash_attention(monkeypatch)
+    sdpa = functional.scaled_dot_product_attention
+    registry = load_registry(write_registry(tiny_dir, tmp_path, ["tiny-sd15"]))
+    backend = NeuronBackend(inventory=CoreInventory((0, 1)))
+    compile_variant(registry, registry.get("tiny-sd15"), SIZE, backend, log=lambda line: None)
+    assert functional.scaled_dot_product_attention is sdpa
+    manifest = artifacts.read_manifest(artifacts.variant_dir(registry.artifacts_dir, "tiny-sd15", SIZE, "neuron"))
+    attention = {name: entry["attention"] for name, entry in manifest["components"].items()}
+    assert attention.pop("unet") == "nki-flash" and set(attention.values()) == {"bmm-softmax"}
+    assert calls and {c.kernel_name for c in calls} == {"AttentionMMSoftmaxMMWithoutSwap"}
+    for call in calls:  # q, k: [B*H, D, S]; v and the output: [B*H, S, D]; scale 1/sqrt(D)
+        (q, k, v, out) = call.shapes
+        assert q == k and v == out == (q[0], q[2], q[1]) and call.scale == pytest.approx(q[1] ** -0.5)
+    engine = Engine(registry, backend, EngineSettings(max_warm=1))
+    try:
+        request = GenerateRequest(model="tiny-sd15", prompt="a small square", seed=123, steps=3)
+        image = engine.generate(request).images[0].image
+    finally:
+        engine.close()
+    difference = np.abs(pixels(image) - pixels(cpu_engine.generate(request).images[0].image))
+    assert difference.max() <= 3  # the kernel's output is bf16, as on the device
+
+
 def test_recorded_attention_patch_is_restored_after_a_compiler_error(tiny_dir, tmp_path, monkeypatch):
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 

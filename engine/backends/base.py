@@ -44,8 +44,8 @@ class Backend(ABC):
     def check_target(self, manifest: dict[str, Any], command: str) -> None:
         """Raise ArtifactMismatch when a manifest's target cannot run here."""
 
-    def tracing(self, family: Family) -> ContextManager[None]:
-        """Context active while tracing components of ``family`` (e.g. attention patches)."""
+    def tracing(self, family: Family, component: str) -> ContextManager[Any]:
+        """Context active while tracing ``component`` of ``family`` (e.g. attention patches)."""
         return contextlib.nullcontext()
 
     def compile_component(

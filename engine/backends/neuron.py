@@ -236,6 +236,84 @@ def neuron_attention(family: Family) -> Iterator[None]:
         AttnProcessor2_0.__call__ = original_call
 
 
+# --- NKI flash attention (where the installed SDK has it) ----------------------------------------
+
+
+def nki_flash_attention() -> Optional[Callable[..., Any]]:
+    """The SDK's NKI flash-attention kernel, jitted for torch-neuronx, or None when this SDK has
+    none (older neuronx-cc; the recording stand-in) — then the bmm/softmax patch is used alone."""
+    try:
+        try:
+            from neuronxcc.nki._private_kernels.attention import attention_isa_kernel
+        except ImportError:
+            from neuronxcc.nki.kernels.attention import attention_isa_kernel
+        from torch_neuronx.xla_impl.ops import nki_jit
+    except ImportError:
+        return None
+    return nki_jit()(attention_isa_kernel)
+
+
+def _nki_sdpa(kernel: Callable[..., Any], fallback: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``scaled_dot_product_attention`` for tracing the UNet: self-attention (square, unmasked) runs
+    the NKI kernel in the layout the samples give it (q and k as [B*H, D, S], v as [B*H, S, D],
+    kernel "AttentionMMSoftmaxMMWithoutSwap"); anything else goes to ``fallback``."""
+
+    def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+             dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+             **extra: Any) -> torch.Tensor:
+        if attn_mask is not None or is_causal or dropout_p or extra or query.shape != key.shape:
+            return fallback(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                            scale=scale, **extra)
+        batch, heads, length, dim = query.shape
+        q = query.permute(0, 1, 3, 2).reshape(batch * heads, dim, length)
+        k = key.permute(0, 1, 3, 2).reshape(batch * heads, dim, length)
+        v = value.reshape(batch * heads, length, dim)
+        out = torch.zeros((batch * heads, length, dim), dtype=torch.bfloat16, device=query.device)
+        kernel(q, k, v, scale if scale is not None else dim ** -0.5, out, kernel_name="AttentionMMSoftmaxMMWithoutSwap")
+        return out.reshape(batch, heads, length, dim).to(query.dtype)
+
+    return sdpa
+
+
+@contextlib.contextmanager
+def unet_attention(family: Family, kernel: Optional[Callable[..., Any]]) -> Iterator[str]:
+    """Attention while tracing a UNet: with ``kernel``, diffusers' SDPA processor stays and its
+    ``scaled_dot_product_attention`` runs self-attention on the NKI kernel (cross-attention on the
+    bmm/softmax patch, as the samples do); without, the bmm/softmax patch throughout. Yields what
+    was used ("nki-flash" or "bmm-softmax") for the manifest; everything is restored on exit."""
+    if kernel is None:
+        with neuron_attention(family):
+            yield "bmm-softmax"
+        return
+    import torch.nn.functional as functional
+
+    try:
+        from diffusers.models import attention_dispatch
+    except ImportError:  # diffusers releases without the dispatcher
+        attention_dispatch = None
+    original = functional.scaled_dot_product_attention
+
+    def bmm_fallback(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
+            return original(query, key, value, **kwargs)
+        scale = kwargs.get("scale") or query.shape[-1] ** -0.5
+        flat = [x.reshape(-1, *x.shape[-2:]) for x in (query, key, value)]
+        probs = _bmm_softmax(flat[0], flat[1], scale, upcast=False)
+        return torch.bmm(probs, flat[2]).reshape(query.shape[:-1] + (value.shape[-1],))
+
+    patched = _nki_sdpa(kernel, bmm_fallback)
+    functional.scaled_dot_product_attention = patched
+    dispatch_sdpa = getattr(attention_dispatch, "scaled_dot_product_attention", None) if attention_dispatch else None
+    if dispatch_sdpa is not None:
+        attention_dispatch.scaled_dot_product_attention = patched
+    try:
+        yield "nki-flash"
+    finally:
+        functional.scaled_dot_product_attention = original
+        if dispatch_sdpa is not None:
+            attention_dispatch.scaled_dot_product_attention = dispatch_sdpa
+
+
 # --- the backend ----------------------------------------------------------------------------------
 
 
@@ -259,7 +337,8 @@ class NeuronBackend(Backend):
                  keep_compiler_workdirs: bool = False, target: str = DEFAULT_TARGET,
                  device_present: Optional[bool] = None,
                  neuron_ls: Callable[[], Optional[list[dict[str, Any]]]] = run_neuron_ls,
-                 available_ram: Callable[[], int] = lambda: psutil.virtual_memory().available):
+                 available_ram: Callable[[], int] = lambda: psutil.virtual_memory().available,
+                 nki_attention: bool = True):
         self._sdk = import_sdk()
         self._inventory = inventory
         self.optlevel = optlevel
@@ -268,6 +347,7 @@ class NeuronBackend(Backend):
         self.device_present = bool(device_nodes()) if device_present is None else device_present
         self._neuron_ls = neuron_ls
         self._available_ram = available_ram
+        self._nki_kernel = nki_flash_attention() if nki_attention else None
         self.keep_compiler_workdirs = keep_compiler_workdirs
         self._versions: Optional[dict[str, str]] = None
 
@@ -363,8 +443,14 @@ class NeuronBackend(Backend):
 
     # --- compiling --------------------------------------------------------------------------------
 
-    def tracing(self, family: Family) -> contextlib.AbstractContextManager[None]:
+    def tracing(self, family: Family, component: str) -> contextlib.AbstractContextManager[Any]:
+        if component == UNET:
+            return unet_attention(family, self._nki_kernel)
         return neuron_attention(family)
+
+    def attention_of(self, component: str) -> str:
+        """What the traced ``component``'s attention runs on (recorded in the manifest)."""
+        return "nki-flash" if component == UNET and self._nki_kernel is not None else "bmm-softmax"
 
     def compile_component(
         self, family: Family, component: str, module: nn.Module, example_inputs: Sequence[torch.Tensor],
@@ -411,6 +497,7 @@ class NeuronBackend(Backend):
             "batch": layout["batch_per_call"] if layout else int(inputs[0].shape[0]),
             "input_dtype": str(weights_dtype).replace("torch.", ""),
             "compiler_args": args,
+            "attention": self.attention_of(component),
             "compiler_workdir": f"{out_dir.name}/{COMPILER_WORKDIR}" if self.keep_compiler_workdirs else None,
             "compile_seconds": round(seconds, 3),
         }
