@@ -1,6 +1,8 @@
 """``python -m engine bench``: the numbers' arithmetic, and one real (tiny) run through every output."""
 from __future__ import annotations
 
+import argparse
+
 import csv
 import json
 from pathlib import Path
@@ -51,7 +53,7 @@ def test_row_statistics():
 def test_steps_option_parses_lists():
     assert _steps_list("20,30,50") == (20, 30, 50)
     for bad in ("", "a,b", "0"):
-        with pytest.raises(Exception):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"expected positive step counts such as 20,30,50, found {bad!r}"):
             _steps_list(bad)
 
 

@@ -1,6 +1,8 @@
 """Registry loading and validation: every error names the file, the model, the field, expected vs found."""
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import pytest
@@ -30,7 +32,7 @@ def test_tiny_registry_loads_frozen_specs(tiny_registry_path):
     assert spec.resolutions == (Size(64, 64), Size(64, 96))
     assert spec.source.kind == "local" and Path(spec.source.ref).is_absolute()
     assert spec.defaults.sampler == "Euler a" and spec.defaults.steps == 4
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'id'"):
         spec.id = "other"  # frozen
 
 
