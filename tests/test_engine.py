@@ -243,3 +243,36 @@ def test_a_prompt_over_75_tokens_says_which_words_were_dropped(cpu_engine):
     assert notice.startswith("the prompt is ") and "the model reads 75" in notice
     assert "word39" in notice.replace(" ", "") and "word0" not in notice.replace(" ", "")
     assert cpu_engine.generate(GenerateRequest(model="tiny-sd15", prompt="a red circle", steps=2)).notices == ()
+
+
+def test_a_running_model_keeps_its_lease_while_another_model_loads(compiled_registry):
+    """max_warm=1 and two device workers: model A is mid-generation when model B loads. A must stay
+    warm (never evicted or freed while it runs) and finish correctly; once A is done, the pool goes
+    back to one warm model."""
+    from engine import Engine, EngineSettings
+    from engine.backends import make_backend
+
+    engine = Engine(compiled_registry, make_backend("cpu"), EngineSettings(max_warm=1, workers=2))
+    running, release = threading.Event(), threading.Event()
+
+    def hold(progress) -> None:  # noqa: ANN001 - Progress
+        if progress.step == 2:
+            running.set()
+            assert release.wait(60)
+
+    try:
+        job = engine.submit(GenerateRequest(model="tiny-sd15", prompt="a", seed=5, steps=4), on_progress=hold)
+        assert running.wait(60)
+        loaded = engine.load("tiny-sd21")  # on the other worker, while A is between steps 2 and 3
+        assert loaded.key.model == "tiny-sd21"
+        # over max_warm, the idle model goes, never the one generating
+        assert [(info.key.model, info.in_use) for info in engine.pool.snapshot()] == [("tiny-sd15", True)]
+        release.set()
+        result = job.result(timeout=60)
+        solo = _fresh_engine(compiled_registry).generate(
+            GenerateRequest(model="tiny-sd15", prompt="a", seed=5, steps=4)).images[0].image
+        assert np.array_equal(pixels(result.images[0].image), pixels(solo))
+        assert [info.key.model for info in engine.pool.snapshot()] == ["tiny-sd15"]
+    finally:
+        release.set()
+        engine.close()
