@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         backend = make_backend(args.backend, args.neuron_target)
         if backend.name == "eager":
             raise EngineError("the eager backend runs without artifacts; choose --backend cpu or neuron")
+        for restored in artifacts.restore_interrupted_publishes(registry.artifacts_dir):
+            print(f"restored a variant an interrupted compile had moved aside: {restored}")
         for leftover in artifacts.leftover_partials(registry.artifacts_dir):
             print(f"removing leftover of an interrupted compile: {leftover}")
             artifacts.discard_partial(leftover)

@@ -151,7 +151,7 @@ class PartialVariant:
         os.replace(tmp_manifest, self.path / MANIFEST)
         old = None
         if self.final.exists():
-            old = self.final.parent / f"{_TEMP_PREFIX}old-{self.final.name}-{uuid.uuid4().hex[:8]}"
+            old = self.final.parent / f"{_OLD_PREFIX}{self.final.name}-{uuid.uuid4().hex[:8]}"
             os.replace(self.final, old)
         os.replace(self.path, self.final)
         if old is not None:
@@ -161,8 +161,26 @@ class PartialVariant:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+_OLD_PREFIX = f"{_TEMP_PREFIX}old-"
+
+
+def restore_interrupted_publishes(artifacts_dir: Path) -> list[Path]:
+    """Put back a published variant that an interrupted ``publish()`` had moved aside (killed between
+    its two renames: the old variant is ``.partial-old-<name>-<id>`` and ``<name>`` is missing).
+    Returns the variants restored; run before ``leftover_partials`` deletes what remains."""
+    root = Path(artifacts_dir)
+    restored = []
+    for old in sorted(root.glob(f"*/*/{_OLD_PREFIX}*")) if root.is_dir() else ():
+        final = old.parent / old.name[len(_OLD_PREFIX):].rsplit("-", 1)[0]
+        if old.is_dir() and not final.exists() and (old / MANIFEST).is_file():
+            os.replace(old, final)
+            restored.append(final)
+    return restored
+
+
 def leftover_partials(artifacts_dir: Path) -> Iterator[Path]:
-    """Temporary directories left behind by interrupted compiles (safe to delete)."""
+    """Temporary directories left behind by interrupted compiles (safe to delete once
+    ``restore_interrupted_publishes`` has put back any variant moved aside)."""
     root = Path(artifacts_dir)
     if root.is_dir():
         yield from (p for p in root.glob(f"*/*/{_TEMP_PREFIX}*") if p.is_dir())

@@ -132,3 +132,56 @@ def test_kill_9_mid_compile_leaves_nothing_loadable(tiny_dir, tmp_path):
     rerun = _run_cli("--registry", str(path), "--backend", "cpu", "--list")
     assert "removing leftover of an interrupted compile" in rerun.stdout
     assert [p.name for p in parent.iterdir()] == []
+
+
+def test_kill_9_during_a_forced_recompile_leaves_the_old_artifact_byte_identical(tiny_dir, tmp_path):
+    """`compile_all.py --force` over a good artifact, killed mid-way: the old artifact's files keep
+    their sha256, the variant stays "compiled" and it still generates."""
+    import hashlib
+
+    from engine import Engine, EngineSettings, GenerateRequest
+
+    path = _registry_copy(tiny_dir, tmp_path, ["tiny-sdxl"])
+    assert _run_cli("--registry", str(path), "--backend", "cpu").returncode == 0
+    variant = tmp_path / "artifacts" / "tiny-sdxl" / "64x64" / "cpu"
+
+    def digests() -> dict[str, str]:
+        return {str(p.relative_to(variant)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(variant.rglob("*")) if p.is_file()}
+
+    before = digests()
+    process = subprocess.Popen([sys.executable, str(ROOT / "compile_all.py"), "--registry", str(path), "--backend",
+                                "cpu", "--force"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    for line in process.stdout:  # killed once the new compile has written a component
+        if "text_encoder_2  done" in line or time.time() > deadline:
+            break
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert digests() == before and before
+    registry = load_registry(path)
+    backend = make_backend("cpu")
+    assert plan(registry, backend)[0].status.state == "compiled"
+    engine = Engine(registry, backend, EngineSettings(max_warm=1))
+    try:
+        image = engine.generate(GenerateRequest(model="tiny-sdxl", prompt="p", seed=1, steps=2)).images[0].image
+        assert image.size == (64, 64)
+    finally:
+        engine.close()
+
+
+def test_a_publish_killed_between_its_renames_gets_the_old_variant_back(tiny_dir, tmp_path):
+    """The one window of a forced recompile: the old variant moved aside, the new one not yet in
+    place. The next compile_all.py run puts the old one back (byte-identical) instead of deleting it."""
+    path = _registry_copy(tiny_dir, tmp_path, ["tiny-sd21"])
+    assert _run_cli("--registry", str(path), "--backend", "cpu").returncode == 0
+    variant = tmp_path / "artifacts" / "tiny-sd21" / "64x64" / "cpu"
+    files = {p.relative_to(variant): p.read_bytes() for p in variant.rglob("*") if p.is_file()}
+    os.replace(variant, variant.parent / ".partial-old-cpu-0123abcd")  # what publish() does first ...
+    (variant.parent / ".partial-cpu-4242-deadbeef").mkdir()  # ... with the new one still partial
+    listing = _run_cli("--registry", str(path), "--backend", "cpu", "--list")
+    assert f"restored a variant an interrupted compile had moved aside: {variant}" in listing.stdout
+    assert "tiny-sd21" in listing.stdout and "compiled" in listing.stdout
+    assert {p.relative_to(variant): p.read_bytes() for p in variant.rglob("*") if p.is_file()} == files
+    assert [p.name for p in variant.parent.iterdir()] == ["cpu"]
