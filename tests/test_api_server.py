@@ -197,6 +197,38 @@ def test_with_auth_every_api_route_and_the_ui_need_credentials(auth_server):
     assert http(auth_server.url + "gradio_api/info")[0] == 401
 
 
+def test_with_auth_the_ui_queue_files_and_metrics_need_credentials(auth_server):
+    """What the OpenAPI list does not cover: /metrics, Gradio's queue and API, gradio_client and a
+    saved output's file URL are refused without credentials and work with them."""
+    import requests
+    from gradio_client import Client
+
+    assert http(auth_server.url + "metrics")[0] == 401
+    status, _, raw = http(auth_server.url + "metrics", auth=("alice", "wonder"))
+    assert status == 200 and b"sd_queue_waiting" in raw
+    assert requests.post(auth_server.url + "gradio_api/queue/join", json={"fn_index": 0, "data": [],
+                                                                          "session_hash": "x"}).status_code == 401
+    from gradio_client.exceptions import AuthenticationError
+
+    with pytest.raises(AuthenticationError, match="credentials were not provided"):
+        Client(auth_server.url, verbose=False)
+    with pytest.raises(AuthenticationError):
+        Client(auth_server.url, auth=("alice", "nope"), verbose=False)
+    client = Client(auth_server.url, auth=("alice", "wonder"), verbose=False)
+    images, infotext, _ = client.predict(prompt="a blue square", steps=2, seed=7, batch_count=1, api_name="/txt2img")
+    assert images and "Seed: 7" in infotext
+    saved = sorted(auth_server.outputs.rglob("*.png"))
+    assert saved
+    file_url = auth_server.url + f"gradio_api/file={saved[-1]}"
+    assert requests.get(file_url).status_code in (401, 403)
+    session = requests.Session()
+    assert session.post(auth_server.url + "login", data={"username": "alice", "password": "wonder"}).status_code == 200
+    answer = session.get(file_url)
+    assert answer.status_code == 200 and answer.content[:8] == b"\x89PNG\r\n\x1a\n"
+    page = requests.get(auth_server.url)
+    assert "a blue square" not in page.text  # the page without a login shows no prompt or output
+
+
 def test_webuiapi_with_credentials_and_interrupt_scoped_to_the_user(auth_server):
     import webuiapi
 
