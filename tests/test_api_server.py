@@ -212,7 +212,7 @@ def test_with_auth_the_ui_queue_files_and_metrics_need_credentials(auth_server):
 
     with pytest.raises(AuthenticationError, match="credentials were not provided"):
         Client(auth_server.url, verbose=False)
-    with pytest.raises(AuthenticationError):
+    with pytest.raises(ValueError, match="Could not login"):  # a wrong password
         Client(auth_server.url, auth=("alice", "nope"), verbose=False)
     client = Client(auth_server.url, auth=("alice", "wonder"), verbose=False)
     images, infotext, _ = client.predict(prompt="a blue square", steps=2, seed=7, batch_count=1, api_name="/txt2img")
