@@ -276,3 +276,23 @@ def test_a_running_model_keeps_its_lease_while_another_model_loads(compiled_regi
     finally:
         release.set()
         engine.close()
+
+
+@pytest.mark.parametrize("sampler", [s for s in sampler_names() if s.endswith(" Karras")])
+def test_karras_variants_differ_from_their_plain_sampler(cpu_engine, sampler):
+    """"X Karras" runs the Karras sigma schedule: its pixels differ from "X" for the same seed."""
+    def image(name: str) -> np.ndarray:
+        return pixels(cpu_engine.generate(GenerateRequest(prompt="a", seed=11, steps=5, sampler=name)).images[0].image)
+
+    assert np.abs(image(sampler) - image(sampler.removesuffix(" Karras"))).max() > 0
+
+
+def test_a_fractional_cfg_scale_is_used_as_given(cpu_engine):
+    """CFG 6.5 is neither 6 nor 7, and the infotext says 6.5."""
+    def run(cfg: float):
+        return cpu_engine.generate(GenerateRequest(prompt="a", negative_prompt="b", seed=2, steps=3, cfg_scale=cfg)).images[0]
+
+    half, six, seven = run(6.5), run(6.0), run(7.0)
+    assert "CFG scale: 6.5" in half.infotext
+    assert np.abs(pixels(half.image) - pixels(six.image)).max() > 0
+    assert np.abs(pixels(half.image) - pixels(seven.image)).max() > 0
