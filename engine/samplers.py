@@ -113,6 +113,10 @@ def make_scheduler(name: str, base_config: Mapping[str, Any]) -> Any:
     """A new scheduler of sampler ``name`` built from a model's scheduler config."""
     recipe = check_sampler(name)
     config = {k: v for k, v in dict(base_config).items() if k not in _DROP_KEYS}
+    # Stable Diffusion never clips the predicted sample (A1111's DDIM does not; SD checkpoints say
+    # clip_sample: false). A config that leaves it out would get DDIM's class default, True: SD
+    # pipelines correct that for SD 1.x/2.x, SDXL's does not, so it is set here for every family.
+    config.setdefault("clip_sample", False)
     config.update(recipe.overrides)
     scheduler_class = getattr(diffusers, recipe.scheduler_class)
     return scheduler_class.from_config(config)
