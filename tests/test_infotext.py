@@ -1,6 +1,7 @@
 """A1111 ``parameters`` text: what we write parses back, and A1111's own text parses."""
 from __future__ import annotations
 
+import pytest
 from PIL import Image
 
 from engine.infotext import format_infotext, parse_infotext, png_with_parameters, read_parameters
@@ -42,3 +43,18 @@ def test_round_trip_through_png():
 
 def test_prompt_only_text_has_no_parameters():
     assert parse_infotext("just a prompt") == {"Prompt": "just a prompt", "Negative prompt": ""}
+
+
+@pytest.mark.parametrize("value, written", [
+    ('say "hi"', '"say \\"hi\\""'),          # a quote alone is quoted and escaped
+    ("two\nlines", '"two\\nlines"'),          # a newline alone is quoted and escaped
+    ("a, b", '"a, b"'),                       # a comma alone is quoted
+    ('back\\slash, "q"', '"back\\\\slash, \\"q\\""'),
+    ("plain", "plain"),                       # nothing to protect: written as is
+    (6.5, "6.5"), (7.0, "7"),
+])
+def test_each_character_that_breaks_a_field_is_quoted_and_comes_back(value, written):
+    text = format_infotext("p", "", {"Steps": 2, "Note": value, "Seed": 1})
+    assert text.splitlines()[-1] == f"Steps: 2, Note: {written}, Seed: 1"
+    params = parse_infotext(text)
+    assert params["Note"] == (value if isinstance(value, str) else written) and params["Seed"] == "1"
