@@ -303,3 +303,25 @@ def test_cores_held_by_another_process_are_refused_naming_it():
     # our own process, or another process on cores we do not use, is no obstacle
     assert discover_cores(neuron_ls=lambda: listing, devices=lambda: [], own_pid=4242).count == 4
     assert discover_cores("2-3", neuron_ls=lambda: listing, devices=lambda: [], own_pid=1).physical == (2, 3)
+
+
+def test_a_pair_where_a_replica_failed_is_skipped_and_its_cores_freed():
+    sizes = {"a": SDXL_FP32}
+    plan = CorePlan(cores(8), lambda k: sizes[k.model])
+    attempts = []
+
+    def loader(r):
+        placed = plan.placement(r)
+        attempts.append(placed.pair_index)
+        if placed.pair_index == 1:
+            raise RuntimeError("NRT: pair 1 is broken")
+        return Record(r, device_ids=placed.device_ids)
+
+    pool = WarmPool(loader, 2, core_plan=plan, replicas=lambda k: 4)
+    assert pool.ensure_replicas(key("a"), 3) == 3
+    assert attempts == [0, 1, 2, 3]  # pair 1 failed once, then was not tried again
+    assert sorted(i.device_ids for i in pool.snapshot()) == [(0, 1), (4, 5), (6, 7)]
+    assert plan.used_bytes()[2] == plan.used_bytes()[3] == 0
+    # busy replicas do not retry the broken pair either: the target of 4 is capped at the 3 that work
+    with pool.lease(key("a")), pool.lease(key("a")), pool.lease(key("a")), pool.lease(key("a")):
+        assert attempts == [0, 1, 2, 3]

@@ -151,3 +151,36 @@ def test_a_replica_that_fails_to_load_leaves_the_others_serving():
     assert attempts == [0, 1] and [i.replica for i in pool.snapshot()] == [0]
     assert pool.loading() == []
     assert pool.ensure_replicas(key("a"), 2) == 1 and attempts == [0, 1, 1, 1]  # asked again: tried (twice) again
+
+
+@dataclass
+class Timed(Record):
+    peak_rss_bytes: int = 0
+    warmup_seconds: float = 0.0
+
+
+def test_snapshot_and_loading_report_what_the_status_page_shows():
+    started, release = threading.Event(), threading.Event()
+
+    def loader(r):
+        started.set()
+        assert release.wait(10)
+        return Timed(r.variant, load_seconds=1.5, device_ids=(2, 3), peak_rss_bytes=123, warmup_seconds=0.25)
+
+    pool = WarmPool(loader, max_warm=1)
+    before = time.time()
+    thread = threading.Thread(target=pool.ensure, args=(key("a"),))
+    thread.start()
+    assert started.wait(10)
+    [loading] = pool.loading()
+    assert (loading.key, loading.replica, loading.device_ids) == (key("a"), 0, ()) and loading.since >= before
+    assert pool.snapshot() == [] and not pool.is_warm(key("a"))
+    release.set()
+    thread.join()
+    assert pool.loading() == []
+    [info] = pool.snapshot()
+    assert (info.key, info.in_use, info.load_seconds, info.device_ids, info.peak_rss_bytes, info.warmup_seconds,
+            info.replica) == (key("a"), False, 1.5, (2, 3), 123, 0.25, 0)
+    assert info.last_used >= before and pool.is_warm(key("a"))
+    with pool.lease(key("a")):
+        assert [i.in_use for i in pool.snapshot()] == [True]
