@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import urllib.request
-import warnings
 from typing import Optional
 
 from PIL import Image
 
-MAX_PIXELS = 4096 * 4096  # an input larger than this is refused before it is decoded
+from engine import InvalidRequest
+from engine.images import decode_image, read_image
+
 MAX_URL_BYTES = 32 * 2**20
 URL_TIMEOUT_S = 20
 
@@ -43,23 +43,14 @@ def decode_base64(text: str, field: str) -> bytes:
                                 "(optionally prefixed with data:image/png;base64,)") from None
 
 
-def open_image(data: bytes, field: str) -> Image.Image:
-    """Decode image bytes fully (a truncated file fails here, not later on the device worker)."""
+def open_image(data: bytes, field: str, as_rgb: bool = False) -> Image.Image:
+    """Decode image bytes fully with the engine's checks (a truncated file or a decompression bomb
+    fails here, not later on the device worker); ``as_rgb``: as the model will see it (upright,
+    transparency on white, 8-bit RGB), else as stored, metadata kept."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            if image.width * image.height > MAX_PIXELS:
-                raise FieldError(field, f"the image is {image.width}x{image.height}; at most {MAX_PIXELS:,} pixels "
-                                        "are accepted: downscale it first")
-            image.load()
-    except FieldError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise FieldError(field, "the image is too large to decode safely; downscale it first") from None
-    except (OSError, SyntaxError, ValueError):
-        raise FieldError(field, "not a readable image (PNG, JPEG or WebP), or the file is truncated") from None
-    return image
+        return read_image(data) if as_rgb else decode_image(data)
+    except InvalidRequest as exc:
+        raise FieldError(field, str(exc)) from None
 
 
 def fetch_url(url: str, field: str) -> bytes:
@@ -79,10 +70,11 @@ def is_url(text: Optional[str]) -> bool:
 
 
 def image_from_field(text: str, field: str, allow_urls: bool = False) -> Image.Image:
-    """A request's image: base64, or a URL when ``allow_urls`` (else a 400 saying how to enable it)."""
+    """A request's init image, as the model sees it: base64, or a URL when ``allow_urls`` (else a 400
+    saying how to enable it)."""
     if is_url(text):
         if not allow_urls:
             raise FieldError(field, "image URLs are not fetched by this server; send the image base64-encoded, "
                                     "or start the server with --allow-image-urls", status=400)
-        return open_image(fetch_url(text.strip(), field), field)
-    return open_image(decode_base64(text, field), field)
+        return open_image(fetch_url(text.strip(), field), field, as_rgb=True)
+    return open_image(decode_base64(text, field), field, as_rgb=True)

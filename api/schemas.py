@@ -7,18 +7,44 @@ them. Request models accept every field A1111 has (and unknown ones, reported ba
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_IMAGES = 16  # batch_size * n_iter, as the engine allows per request
 MAX_SEED = 2**32 - 1
 
 
-class _Lenient(BaseModel):
+def _finite_only(value: Any) -> Any:
+    """``value`` with NaN and ±infinity (JSON has neither, Python's parser reads ``NaN`` and
+    ``Infinity`` anyway) replaced by the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: _finite_only(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_only(item) for item in value]
+    return value
+
+
+class _Body(BaseModel):
+    """A request body: a NaN or infinite number is a 422 naming the field ("Input should be a finite
+    number"), never a value the engine sees or a 500 when FastAPI writes the error (its JSON encoder
+    refuses NaN, so the offending input is kept as text)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nan(cls, data: Any) -> Any:
+        return _finite_only(data)
+
+
+class _Lenient(_Body):
     """Accepts fields it does not declare (``model_extra``), so A1111 clients never get a 422 for them."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
 class GenerationFields(_Lenient):
@@ -177,7 +203,7 @@ class ProgressResponse(BaseModel):
     textinfo: Optional[str] = None
 
 
-class PngInfoRequest(BaseModel):
+class PngInfoRequest(_Body):
     image: str = Field(description="A base64 PNG (a data: URI prefix is allowed).")
 
 

@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from PIL import Image
+
 from . import artifacts
 from .backends.base import Backend
 from .batching import BatchRun, Row, generators, per_row
@@ -416,14 +418,16 @@ class Engine:
         return kwargs
 
     def _resolve(self, request: GenerateRequest) -> _Resolved:
+        _check_fields(request)
         spec = self.registry.get(request.model or self.default_model)
         sampler = request.sampler or spec.defaults.sampler
         check_sampler(sampler)
         steps = spec.defaults.steps if request.steps is None else request.steps
-        cfg = spec.defaults.cfg_scale if request.cfg_scale is None else float(request.cfg_scale)
-        _check_range("steps", steps, 1, MAX_STEPS)
+        cfg = spec.defaults.cfg_scale if request.cfg_scale is None else request.cfg_scale
+        _check_range("steps", steps, 1, MAX_STEPS, whole=True)
         _check_range("CFG scale", cfg, 1.0, 30.0)
-        _check_range("number of images", request.num_images, 1, MAX_IMAGES)
+        cfg = float(cfg)
+        _check_range("number of images", request.num_images, 1, MAX_IMAGES, whole=True)
         if request.init_image is not None:
             _check_range("denoising strength", request.strength, 0.0, 1.0)
             if int(steps * request.strength) < 1:
@@ -431,15 +435,18 @@ class Engine:
                     f"denoising strength {request.strength:g} with {steps} steps runs no denoising step "
                     f"(img2img runs strength x steps of them); raise the strength or the steps")
         seed = request.seed if request.seed not in (-1, None) else random.SystemRandom().randrange(MAX_SEED)
-        _check_range("seed", seed, 0, MAX_SEED)
+        _check_range("seed", seed, 0, MAX_SEED, whole=True)
         size = self._check_size(spec, request.size or spec.default_size)
         return _Resolved(spec, sampler, int(steps), cfg, size, int(seed))
 
     def _check_size(self, spec: ModelSpec, size: Size) -> Size:
+        """A valid size (multiples of 8, at least 64; at most ``EAGER_MAX_SIDE`` on eager) that the
+        fixed-shape backends also have compiled for ``spec``."""
+        too_large = not self.backend.fixed_shape and max(size.width, size.height) > EAGER_MAX_SIDE
+        if size.width % 8 or size.height % 8 or min(size.width, size.height) < 64 or too_large:
+            raise UnsupportedResolution(
+                f"{size} is not a valid size: width and height must be multiples of 8 between 64 and {EAGER_MAX_SIDE}")
         if not self.backend.fixed_shape:
-            if size.width % 8 or size.height % 8 or not (64 <= min(size.width, size.height)) or max(size.width, size.height) > EAGER_MAX_SIDE:
-                raise UnsupportedResolution(
-                    f"{size} is not a valid size: width and height must be multiples of 8 between 64 and {EAGER_MAX_SIDE}")
             return size
         if size not in spec.resolutions:
             compiled = [str(s) for s in spec.resolutions if self._variant_state(spec, s) == "compiled"]
@@ -470,9 +477,34 @@ def _infotext(request: GenerateRequest, resolved: _Resolved, seed: int, backend:
     return format_infotext(request.prompt, request.negative_prompt, params)
 
 
-def _check_range(name: str, value: Any, low: float, high: float) -> None:
+def _check_range(name: str, value: Any, low: float, high: float, whole: bool = False) -> None:
+    """``value`` is a number from ``low`` to ``high`` (NaN and infinities are not); with ``whole``
+    an integer (2.0 passes, 2.5 does not: the engine never rounds what it was asked for)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
         raise InvalidRequest(f"{name} must be between {low:g} and {high:g}, got {value!r}")
+    if whole and not float(value).is_integer():
+        raise InvalidRequest(f"{name} must be a whole number, got {value!r}")
+
+
+def _check_fields(request: GenerateRequest) -> None:
+    """The request's fields have the types the engine works with: a bad one is refused here, with
+    its name, instead of failing deep in a pipeline on a device worker."""
+    for name, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
+        if not isinstance(text, str):
+            raise InvalidRequest(f"the {name} must be text, got {type(text).__name__} {text!r}")
+        try:
+            text.encode("utf-8")  # it is written into the PNG's parameters as UTF-8
+        except UnicodeEncodeError as exc:
+            raise InvalidRequest(f"the {name} contains U+{ord(text[exc.start]):04X} at position {exc.start}, half "
+                                 "of a UTF-16 surrogate pair and not a character; send valid UTF-8 text") from None
+    for name, value in (("model", request.model), ("sampler", request.sampler)):
+        if value is not None and not isinstance(value, str):
+            raise InvalidRequest(f"{name} must be a name, got {type(value).__name__} {value!r}")
+    if request.size is not None and not isinstance(request.size, Size):
+        raise InvalidRequest(f"size must be a Size such as Size(512, 512), got {request.size!r}")
+    if request.init_image is not None and not isinstance(request.init_image, Image.Image):
+        raise InvalidRequest(f"init_image must be a PIL image (engine.images.read_image reads a file), "
+                             f"got {type(request.init_image).__name__}")
 
 
 __all__ = ["Engine", "EngineSettings", "ModelInfo", "ReplicaTarget"]

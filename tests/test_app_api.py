@@ -72,30 +72,7 @@ def test_img2img_returns_pngs_with_the_request_parameters(client, tmp_path):
     assert params["Denoising strength"] == "0.5"
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"resolution": "128x128"}, "128x128 is not compiled for tiny-sd15; compiled: 64x64, 64x96"),
-    ({"sampler": "Bogus"}, "unknown sampler 'Bogus'"),
-    ({"model": "no-such-model"}, "unknown model 'no-such-model'"),
-    ({"steps": 500}, "Value 500 is greater than maximum value 150"),  # gradio's own slider check
-    ({"steps": 2.5}, "steps must be a whole number"),
-    ({"resolution": "huge"}, "expected a size written WIDTHxHEIGHT"),
-])
-def test_bad_requests_return_the_engine_message_and_the_app_keeps_serving(client, change, message):
-    from gradio_client.exceptions import AppError
-
-    request = dict(prompt="a red circle", model="tiny-sd15", steps=2, seed=5, api_name="/txt2img")
-    with pytest.raises(AppError) as failure:
-        client.predict(**{**request, **change})
-    assert message in str(failure.value)
-    images, _, _ = client.predict(**request)
-    assert len(images) == 1
-
-
-def test_img2img_without_an_image_says_so(client):
-    from gradio_client.exceptions import AppError
-
-    with pytest.raises(AppError, match="needs an input image"):
-        client.predict(init_image=None, prompt="x", api_name="/img2img")
+# Bad requests (sizes, samplers, models, numbers, images) and what each says: test_input_table.py.
 
 
 def test_interrupt_stops_only_its_own_session_and_others_take_turns_in_the_engine_queue(ui_server):

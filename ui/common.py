@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import logging
+import math
 import random
 import re
 import threading
@@ -65,6 +66,50 @@ def translate_errors(what: str) -> Iterator[None]:
         raise user_error(exc) from None
     except Exception:
         raise internal_error(what) from None
+
+
+# --- controls that name themselves in their errors -----------------------------------------------
+
+def labelled(component: Any, preprocess: Callable[[Any], Any], payload: Any) -> Any:
+    """Run Gradio's own check of an input with the control's label in its message: Gradio says
+    "Value 0 is less than minimum value 1." without naming the control, and a value of the wrong
+    type (any API caller can send one) ends in its generic "Could not preprocess input component"."""
+    try:
+        return preprocess(payload)
+    except gr.Error as exc:
+        raise gr.Error(html.escape(f"{component.label}: {exc.message}", quote=False), print_exception=False) from None
+    except (TypeError, ValueError):
+        raise gr.Error(html.escape(f"{component.label} must be a number, got {payload!r}", quote=False),
+                       print_exception=False) from None
+
+
+class Slider(gr.Slider):
+    """``gr.Slider`` (the same widget: a template component) whose refusals name it."""
+
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Any:
+        return labelled(self, super().preprocess, payload)
+
+
+class Number(gr.Number):
+    """``gr.Number`` whose refusals name it; with ``precision=0`` a fraction is refused, not rounded."""
+
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Any:
+        if self.precision == 0 and isinstance(payload, float) and math.isfinite(payload) and not payload.is_integer():
+            raise gr.Error(f"{self.label} must be a whole number, got {payload!r}", print_exception=False)
+        return labelled(self, super().preprocess, payload)
+
+
+class Radio(gr.Radio):
+    """``gr.Radio`` whose refusal of a value that is not a choice names it."""
+
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Any:
+        return labelled(self, super().preprocess, payload)
 
 
 # --- per-session interrupts ----------------------------------------------------------------------
@@ -364,21 +409,21 @@ def parameter_controls(ctx: AppContext, tab: str, info: Optional[ModelInfo]) -> 
     with gr.Row():
         sampler = gr.Dropdown(sampler_names(), value=defaults.sampler if defaults else "Euler a",
                               label="Sampling method", elem_id=f"{tab}_sampling", allow_custom_value=True, scale=2)
-        steps = gr.Slider(1, 150, step=1, value=defaults.steps if defaults else 20, label="Sampling steps",
+        steps = Slider(1, 150, step=1, value=defaults.steps if defaults else 20, label="Sampling steps",
                           elem_id=f"{tab}_steps", scale=3)
     with gr.Row():
         resolution = gr.Dropdown(sizes, value=sizes[0] if sizes else None, label="Resolution (compiled sizes)",
                                  elem_id=f"{tab}_resolution", allow_custom_value=True, visible=ctx.fixed_shape,
                                  info=None if sizes else "nothing compiled for this model yet: see the Models tab")
-        width = gr.Slider(64, 2048, step=8, value=first.width, label="Width", elem_id=f"{tab}_width",
+        width = Slider(64, 2048, step=8, value=first.width, label="Width", elem_id=f"{tab}_width",
                           visible=not ctx.fixed_shape)
-        height = gr.Slider(64, 2048, step=8, value=first.height, label="Height", elem_id=f"{tab}_height",
+        height = Slider(64, 2048, step=8, value=first.height, label="Height", elem_id=f"{tab}_height",
                            visible=not ctx.fixed_shape)
-        batch_count = gr.Slider(1, MAX_BATCH, step=1, value=1, label="Batch count", elem_id=f"{tab}_batch_count")
-    cfg_scale = gr.Slider(1, 30, step=0.5, value=defaults.cfg_scale if defaults else 7.0, label="CFG Scale",
+        batch_count = Slider(1, MAX_BATCH, step=1, value=1, label="Batch count", elem_id=f"{tab}_batch_count")
+    cfg_scale = Slider(1, 30, step=0.5, value=defaults.cfg_scale if defaults else 7.0, label="CFG Scale",
                           elem_id=f"{tab}_cfg_scale")
     with gr.Row(equal_height=True, elem_id=f"{tab}_seed_row"):
-        seed = gr.Number(-1, label="Seed", precision=0, elem_id=f"{tab}_seed", scale=6, minimum=-1, maximum=MAX_SEED)
+        seed = Number(-1, label="Seed", precision=0, elem_id=f"{tab}_seed", scale=6, minimum=-1, maximum=MAX_SEED)
         random_seed = gr.Button("🎲", elem_id=f"{tab}_random_seed", elem_classes=["tool"], scale=0, min_width=48)
         reuse_seed = gr.Button("♻️", elem_id=f"{tab}_reuse_seed", elem_classes=["tool"], scale=0, min_width=48)
     return dict(sampler=sampler, steps=steps, resolution=resolution, width=width, height=height,

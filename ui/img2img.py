@@ -1,18 +1,54 @@
 """The img2img tab: an input image + prompt → images. Its Generate event is the ``/img2img`` API endpoint."""
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import gradio as gr
+from PIL import Image
 
-from engine import GenerateRequest, InvalidRequest
+from engine import EngineError, GenerateRequest, InvalidRequest
+from engine.images import read_image
 from engine.types import RESIZE_MODES
 
-from .common import (GENERATE_ADMISSION, GENERATE_QUEUE, AppContext, GenerationControls, output_panel, parameter_controls, prompt_row,
-                     request_size, run_job, whole, wire_common)
+from .common import (GENERATE_ADMISSION, GENERATE_QUEUE, AppContext, GenerationControls, Radio, Slider, output_panel,
+                     parameter_controls, prompt_row, request_size, run_job, user_error, whole, wire_common)
 
 TAB = "img2img"
+
+
+class InitImage(gr.Image):
+    """``gr.Image`` (the same widget: a template component) that reads uploads with the engine's
+    ``read_image``: a file that is empty, not an image, truncated or a decompression bomb is refused
+    with a message saying so (Gradio's own preprocessing answers "Could not preprocess input
+    component at index 0", and decodes a 100-megapixel bomb); the handler gets the RGB image the
+    model starts from (upright, first frame, transparency on white)."""
+
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Optional[Image.Image]:
+        if payload is None:
+            return None
+        try:
+            return read_image(_upload_bytes(payload))
+        except EngineError as exc:
+            raise user_error(InvalidRequest(f"{self.label}: {exc}")) from None
+
+
+def _upload_bytes(payload: Any) -> bytes:
+    """The uploaded file's bytes (a ``data:`` URL from the clipboard, else the file Gradio stored)."""
+    url = getattr(payload, "url", None) or ""
+    try:
+        if url.startswith("data:"):
+            return base64.b64decode(url.split(",", 1)[-1], validate=True)
+        return Path(payload.path).read_bytes()
+    except (binascii.Error, ValueError, TypeError):
+        raise InvalidRequest("the pasted image is not valid base64 data") from None
+    except OSError as exc:
+        raise InvalidRequest(f"the uploaded file could not be read ({exc.strerror}); upload it again") from None
 
 
 @dataclass
@@ -29,12 +65,12 @@ def build(ctx: AppContext, model: gr.Dropdown) -> Img2ImgControls:
         prompt, negative, generate, interrupt = prompt_row(TAB)
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, elem_id=f"{TAB}_settings"):
-                init_image = gr.Image(label="Image for img2img", type="pil", image_mode="RGB", height=280,
+                init_image = InitImage(label="Image for img2img", type="pil", image_mode="RGB", height=280,
                                       sources=["upload", "clipboard"], elem_id=f"{TAB}_image")
-                resize_mode = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], label="Resize mode",
+                resize_mode = Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], label="Resize mode",
                                        elem_id=f"{TAB}_resize_mode",
                                        info="how the image is fitted to the generation size")
-                strength = gr.Slider(0, 1, step=0.01, value=0.75, label="Denoising strength",
+                strength = Slider(0, 1, step=0.01, value=0.75, label="Denoising strength",
                                      elem_id=f"{TAB}_denoising_strength",
                                      info="0 keeps the image, 1 replaces it")
                 params = parameter_controls(ctx, TAB, info)
