@@ -15,8 +15,8 @@ import torch
 from . import artifacts
 from .backends.base import Backend
 from .errors import EngineError
-from .families import (FAMILIES, TEXT_LENGTH, UNET, VAE_DECODER, VAE_ENCODER, Family, ShapeConfigs, example_inputs,
-                       is_unet, traceable, unet_component)
+from .families import (FAMILIES, UNET, VAE_DECODER, VAE_ENCODER, Family, ShapeConfigs, example_inputs, is_unet,
+                       traceable, unet_component)
 from .registry import ModelSpec, Registry
 from .sources import ComponentLoader, ModelParts, load_parts
 from .types import Size
@@ -41,7 +41,11 @@ class CompileOutcome:
 
 
 def expected_fingerprint(spec: ModelSpec, size: Size, backend: Backend) -> str:
-    return artifacts.fingerprint(spec, size, backend.name, backend.stack_key())
+    stack = backend.stack_key()
+    tp_degree = backend.tensor_parallel_degree(spec)
+    if tp_degree > 1:  # sharded over another core count: another artifact
+        stack += f",tp_degree={tp_degree}"
+    return artifacts.fingerprint(spec, size, backend.name, stack)
 
 
 def plan(
@@ -72,11 +76,17 @@ def compile_variant(registry: Registry, spec: ModelSpec, size: Size, backend: Ba
     final = artifacts.variant_dir(registry.artifacts_dir, spec.id, size, backend.name)
     started = time.perf_counter()
     parts = load_parts(spec)
-    shapes = ShapeConfigs(unet=parts.unet_config, vae=parts.vae_config, token_ids=parts.prompt_token_ids(TEXT_LENGTH))
+    shapes = ShapeConfigs(unet=parts.unet_config, vae=parts.vae_config,
+                          token_ids=parts.prompt_token_ids(family.text_length))
     partial = artifacts.PartialVariant(final)
     loader = ComponentLoader(spec)
+    tp_degree = backend.tensor_parallel_degree(spec)
     try:
         for module_name, components in _load_order(_components(family, spec)):
+            if tp_degree > 1 and module_name in backend.sharded_components(family):
+                # Never loaded here: each tensor-parallel rank loads and shards the weights itself.
+                _compile_sharded(backend, family, spec, module_name, size, shapes, tp_degree, partial, log)
+                continue
             module = loader.module(module_name)
             for component in components:
                 _compile_one(backend, family, component, module, size, shapes, spec.dtype, partial, log)
@@ -120,6 +130,16 @@ def _compile_one(backend, family, component, module, size, shapes, dtype, partia
     log(f"  {component:<15} done in {time.perf_counter() - started:.1f}s")
 
 
+def _compile_sharded(backend: Backend, family: Family, spec: ModelSpec, component: str, size: Size,
+                     shapes: ShapeConfigs, tp_degree: int, partial: artifacts.PartialVariant, log: Log) -> None:
+    started = time.perf_counter()
+    log(f"  {component:<15} compiling, sharded over {tp_degree} cores ...")
+    inputs = example_inputs(family, component, size.width, size.height, shapes)
+    entry = backend.compile_sharded(family, component, spec, inputs, partial.component_dir(component), tp_degree)
+    partial.record(component, entry)
+    log(f"  {component:<15} done in {time.perf_counter() - started:.1f}s")
+
+
 def _manifest(spec: ModelSpec, size: Size, backend: Backend, parts: ModelParts, seconds: float) -> dict:
     return {
         "model": spec.id,
@@ -128,6 +148,7 @@ def _manifest(spec: ModelSpec, size: Size, backend: Backend, parts: ModelParts, 
         "backend": backend.name,
         "dtype": spec.dtype,
         "batch_sizes": list(spec.batch_sizes),
+        "tp_degree": backend.tensor_parallel_degree(spec),
         "source": {"kind": spec.source.kind, "ref": spec.source.ref, "revision": spec.source.revision,
                    "config": spec.source.config},
         "fingerprint": expected_fingerprint(spec, size, backend),

@@ -144,7 +144,7 @@ class CompiledUNet(_StandIn):
 class CompiledVAE(_StandIn):
     """``decode`` and ``encode`` backed by two compiled graphs (decoder and encoder)."""
 
-    def __init__(self, decoder: Runner, encoder: Runner, config: Mapping[str, Any], batch: int,
+    def __init__(self, decoder: Runner, encoder: Optional[Runner], config: Mapping[str, Any], batch: int,
                  input_dtype: torch.dtype, device: torch.device):
         super().__init__(decoder, batch, input_dtype, device)
         object.__setattr__(self, "_encoder", encoder)
@@ -155,6 +155,8 @@ class CompiledVAE(_StandIn):
         return DecoderOutput(sample=image) if return_dict else (image,)
 
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> Any:
+        if self._encoder is None:  # a family without img2img (PixArt-Sigma) compiles no encoder
+            raise TypeError("this VAE has no compiled encoder (the model's family has no img2img)")
         moments = run_fixed_batch(self._encoder, self._batch, (x,), self._input_dtype)
         posterior = DiagonalGaussianDistribution(moments)
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)

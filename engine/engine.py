@@ -21,7 +21,8 @@ from .pipelines import WarmPipeline, load_compiled, load_eager, warm_up
 from .placement import CorePlan, Footprint, PlacedBackend, footprint_from_manifest
 from .pool import WarmPool
 from .registry import ModelSpec, Registry, load_registry
-from .samplers import check_sampler
+from .families import FAMILIES
+from .samplers import check_sampler_for
 from .scheduler import Batching, CancelFlag, Job, QueueSnapshot, Scheduler
 from .types import GenerateRequest, GenerateResult, Progress, ReplicaKey, Size, VariantKey
 
@@ -421,7 +422,11 @@ class Engine:
         _check_fields(request)
         spec = self.registry.get(request.model or self.default_model)
         sampler = request.sampler or spec.defaults.sampler
-        check_sampler(sampler)
+        check_sampler_for(spec.family, spec.id, sampler)
+        if request.init_image is not None and not FAMILIES[spec.family].has_img2img:
+            raise InvalidRequest(
+                f"img2img is not available for {spec.id}: the {spec.family} family has no img2img pipeline "
+                f"(diffusers has none for it); use txt2img with this model, or pick another model for img2img")
         steps = spec.defaults.steps if request.steps is None else request.steps
         cfg = spec.defaults.cfg_scale if request.cfg_scale is None else request.cfg_scale
         _check_range("steps", steps, 1, MAX_STEPS, whole=True)

@@ -1,4 +1,4 @@
-"""What each model family (sd15, sd21, sdxl) is made of.
+"""What each model family (sd15, sd21, sdxl, pixart-sigma) is made of.
 
 For compiling: the components, the wrappers that make each one traceable with plain tensors in and
 out, and example inputs of the fixed shapes a (model, resolution) is compiled for.
@@ -6,7 +6,7 @@ For serving: the diffusers pipeline classes that the compiled components are plu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -15,6 +15,7 @@ from torch import nn
 TEXT_ENCODER = "text_encoder"
 TEXT_ENCODER_2 = "text_encoder_2"
 UNET = "unet"
+TRANSFORMER = "transformer"  # the PixArt-Sigma denoiser (a diffusion transformer): see engine.pixart
 VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
 
@@ -27,17 +28,40 @@ TEXT_LENGTH = 77
 
 @dataclass(frozen=True)
 class Family:
+    """``txt2img_pipeline`` / ``img2img_pipeline``: a diffusers class name, or ``module:Class`` for one of
+    ours; an empty ``img2img_pipeline`` means the family has no img2img. ``denoiser``: the UNet or the
+    PixArt transformer. ``refused_samplers``: A1111 sampler names this family does not run, with why."""
+
     name: str
     text_encoders: tuple[str, ...]
     has_added_conditions: bool
     txt2img_pipeline: str
     img2img_pipeline: str
+    denoiser: str = UNET
+    text_length: int = TEXT_LENGTH
+    refused_samplers: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def components(self) -> tuple[str, ...]:
+        if self.denoiser == TRANSFORMER:  # no img2img pipeline, so no VAE encoder (as seed 002 compiles it)
+            return (*self.text_encoders, TRANSFORMER, VAE_DECODER)
         return (*self.text_encoders, UNET, VAE_DECODER, VAE_ENCODER)
 
+    @property
+    def has_img2img(self) -> bool:
+        return bool(self.img2img_pipeline)
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """What the family's pipeline classes take besides the components and the scheduler."""
+        if self.denoiser == TRANSFORMER:
+            return {}
+        if self.has_added_conditions:
+            return {"add_watermarker": False}
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
     def batch_of(self, component: str) -> int:
+        if component == TRANSFORMER:
+            return UNET_BATCH
         return UNET_BATCH * unet_batch_of(component) if is_unet(component) else SINGLE_BATCH
 
 
@@ -63,6 +87,17 @@ FAMILIES: dict[str, Family] = {
         "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
     ),
 }
+PIXART_SIGMA = "pixart-sigma"
+# T5 reads up to 300 tokens for PixArt-Sigma (PixArtSigmaPipeline's max_sequence_length; seed 002).
+PIXART_TEXT_LENGTH = 300
+_TWO_CALLS = ("it runs the transformer twice per step (a second-order sampler); PixArt-Sigma is served with "
+              "single-evaluation samplers only, so a step costs one call of the tensor-parallel transformer")
+FAMILIES[PIXART_SIGMA] = Family(
+    PIXART_SIGMA, (TEXT_ENCODER,), False, "engine.pixart:ServingPixArtSigmaPipeline", "",
+    denoiser=TRANSFORMER, text_length=PIXART_TEXT_LENGTH,
+    refused_samplers={name: _TWO_CALLS for name in ("Heun", "DPM2", "DPM2 Karras", "DPM2 a", "DPM2 a Karras",
+                                                     "DPM++ SDE", "DPM++ SDE Karras")},
+)
 
 
 def vae_scale_factor(vae_config: Mapping[str, Any]) -> int:
@@ -154,6 +189,10 @@ class VAEEncoderForTrace(nn.Module):
 
 def traceable(family: Family, component: str, module: nn.Module) -> nn.Module:
     """Wrap a loaded diffusers/transformers module so it can be traced with tensor inputs."""
+    if family.denoiser == TRANSFORMER:
+        from . import pixart
+
+        return pixart.traceable(component, module)
     if component in (TEXT_ENCODER, TEXT_ENCODER_2):
         wrapper = TextEncoderWithHiddenForTrace if family.name == "sdxl" else TextEncoderForTrace
         return wrapper(module).eval()
@@ -173,15 +212,19 @@ def traceable(family: Family, component: str, module: nn.Module) -> nn.Module:
 class ShapeConfigs:
     """The few config values that decide the compiled input shapes."""
 
-    unet: Mapping[str, Any]
+    unet: Mapping[str, Any]  # the denoiser's config (PixArt: the transformer's)
     vae: Mapping[str, Any]
-    token_ids: tuple[int, ...]  # a real tokenized prompt padded to TEXT_LENGTH (embedding lookups)
+    token_ids: tuple[int, ...]  # a real tokenized prompt padded to the family's text length (embedding lookups)
 
 
 def example_inputs(
     family: Family, component: str, width: int, height: int, configs: ShapeConfigs
 ) -> tuple[torch.Tensor, ...]:
     """Example inputs (float32 / int64) for tracing ``component`` at ``width`` x ``height``."""
+    if family.denoiser == TRANSFORMER:
+        from . import pixart
+
+        return pixart.example_inputs(family, component, width, height, configs)
     factor = vae_scale_factor(configs.vae)
     latent_hw = (height // factor, width // factor)
     batch = family.batch_of(component)

@@ -46,8 +46,7 @@ class WarmPipeline:
     def view(self, mode: str, sampler: str) -> Any:
         """A fresh diffusers pipeline for one request: shared components, a scheduler of its own."""
         pipeline_class = pipeline_class_for(self.spec.family, mode)
-        extra: dict[str, Any] = {"add_watermarker": False} if self.spec.family == "sdxl" else {
-            "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+        extra = self.family.pipeline_kwargs()
         pipe = pipeline_class(**self.components, scheduler=self.new_scheduler(sampler), **extra)
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -92,7 +91,8 @@ def _load_compiled(registry: Registry, spec: ModelSpec, size: Size, backend: Bac
     entries = manifest["components"]
 
     def runner(component: str) -> Any:
-        ids = device_ids if is_unet(component) else device_ids[:1]
+        spans_cores = is_unet(component) or entries[component].get("tp_degree", 1) > 1  # DataParallel / sharded
+        ids = device_ids if spans_cores else device_ids[:1]
         kind = UNET if is_unet(component) else component  # every batch size's UNet loads as the UNet
         return backend.load_component(kind, directory / entries[component]["file"], entries[component], ids)
 
@@ -100,6 +100,12 @@ def _load_compiled(registry: Registry, spec: ModelSpec, size: Size, backend: Bac
         return getattr(torch, entries[component]["input_dtype"])
 
     device = backend.device
+    if family.denoiser != UNET:
+        from .pixart import compiled_components
+
+        return WarmPipeline(VariantKey(spec.id, size), spec,
+                            compiled_components(parts, entries, runner, dtype_of, device), parts.scheduler_config,
+                            time.perf_counter() - started, tuple(device_ids))
     components: dict[str, Any] = {}
     # The UNet first and alone: it is most of the bytes, and host RAM peaks while it loads.
     unets = {entries[name]["batch"]: runner(name) for name in entries if is_unet(name)}
@@ -129,7 +135,8 @@ def _load_eager(spec: ModelSpec, backend: Backend) -> WarmPipeline:
     parts = load_parts(spec)
     loader = ComponentLoader(spec, TORCH_DTYPES[spec.dtype])
     try:
-        components = {name: loader.module(name).to(backend.device) for name in (*family.text_encoders, "unet", "vae")}
+        components = {name: loader.module(name).to(backend.device)
+                      for name in (*family.text_encoders, family.denoiser, "vae")}
     finally:
         loader.close()
     components.update(parts.tokenizers)
@@ -155,7 +162,8 @@ def warm_up(warm: WarmPipeline, steps: int = 2) -> float:
             pipe(prompt=["warm-up"] * batch, num_inference_steps=batch_steps,
                  guidance_scale=max(2.0, warm.spec.defaults.cfg_scale), width=size.width, height=size.height,
                  generator=torch.Generator("cpu").manual_seed(0), output_type="np")
-        warm.components["vae"].encode(torch.zeros(1, 3, size.height, size.width))
+        if warm.family.has_img2img:
+            warm.components["vae"].encode(torch.zeros(1, 3, size.height, size.width))
     warm.warmup_seconds = time.perf_counter() - started
     return warm.warmup_seconds
 

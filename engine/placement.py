@@ -15,7 +15,10 @@ Placement
     (several models share a pair while device memory allows; further models go to further pairs),
     choosing as home the core of the pair with more room left. Sizes come from the artifact
     manifest (``footprint_from_manifest``). The warm pool asks the plan before each load and evicts
-    least recently used idle models until the new one fits (see ``engine.pool``).
+    least recently used idle models until the new one fits (see ``engine.pool``). A tensor-parallel
+    model (PixArt-Sigma, ``tp_degree`` N > 2) reserves an aligned group of N consecutive cores
+    instead (cores 0-7, 8-15, ...): one shard of its T5 encoder and transformer on each, its VAE
+    decoder on the group's first core, its home.
 
 Core ids: ``Placement.device_ids`` are *logical* ids, 0..n-1 over the visible cores, which is how
 torch-neuronx numbers ``DataParallel`` device ids and ``neuron_cores_context`` start cores;
@@ -140,6 +143,10 @@ class CoreInventory:
     def pairs(self) -> tuple[tuple[int, int], ...]:
         """Logical core pairs (0, 1), (2, 3), ...; an odd last core is left out."""
         return tuple((i, i + 1) for i in range(0, self.count - 1, PAIR_SIZE))
+
+    def groups(self, size: int) -> tuple[tuple[int, ...], ...]:
+        """Aligned groups of ``size`` consecutive logical cores (``size`` 2: the pairs)."""
+        return tuple(tuple(range(i, i + size)) for i in range(0, self.count - size + 1, size))
 
     def physical_ids(self, logical: Sequence[int]) -> tuple[int, ...]:
         return tuple(self.physical[i] for i in logical)
@@ -280,42 +287,57 @@ def _format_ids(ids: Sequence[int]) -> str:
 
 @dataclass(frozen=True)
 class Footprint:
-    """Device memory a warm model needs: its UNet on *each* core of its pair, the rest on its home core."""
+    """Device memory a warm model needs: its UNet on *each* core of its pair, the rest on its home core;
+    a tensor-parallel model one shard on each of its ``cores`` (``sharded_bytes``: one core's shards)."""
 
     unet_bytes: int = 0
     other_bytes: int = 0
+    sharded_bytes: int = 0
+    cores: int = PAIR_SIZE
 
     @property
     def home_core_bytes(self) -> int:
-        return self.unet_bytes + self.other_bytes
+        return self.unet_bytes + self.sharded_bytes + self.other_bytes
 
     @property
     def other_core_bytes(self) -> int:
-        return self.unet_bytes
+        return self.unet_bytes + self.sharded_bytes
 
 
 def footprint_from_manifest(manifest: Mapping[str, Any], overhead: float = DEVICE_OVERHEAD) -> Footprint:
     """The footprint of a compiled variant from its manifest's component sizes (0 if unknown)."""
     components = manifest.get("components") or {}
+    sharded = {name: e for name, e in components.items() if int(e.get("tp_degree", 1)) > 1}
     unet = sum(int(e.get("bytes", 0)) for name, e in components.items() if is_unet(name))
-    other = sum(int(e.get("bytes", 0)) for name, e in components.items() if not is_unet(name))
-    return Footprint(int(unet * overhead), int(other * overhead))
+    other = sum(int(e.get("bytes", 0)) for name, e in components.items() if not is_unet(name) and name not in sharded)
+    # each rank's file goes to its own core: plan with the largest rank
+    per_core = sum(max([int(e.get("bytes", 0)), *(int(s.get("bytes", 0)) for s in e.get("shards") or ())])
+                   for e in sharded.values())
+    cores = max([PAIR_SIZE, *(int(e["tp_degree"]) for e in sharded.values())])
+    return Footprint(int(unet * overhead), int(other * overhead), int(per_core * overhead), cores)
 
 
 @dataclass(frozen=True)
 class Placement:
     """Where one warm model sits. ``device_ids`` (logical) start with the home core: the UNet runs
-    DataParallel over all of them, the text encoders and VAE on ``device_ids[0]``."""
+    DataParallel over all of them, the text encoders and VAE on ``device_ids[0]``; a tensor-parallel
+    model's shards go to all of them in order (rank r on ``device_ids[r]``). ``pair_index``: the
+    first core pair it uses."""
 
     key: Hashable
     pair_index: int
-    device_ids: tuple[int, int]
-    physical: tuple[int, int]
+    device_ids: tuple[int, ...]
+    physical: tuple[int, ...]
     footprint: Footprint
 
     @property
     def home(self) -> int:
         return self.device_ids[0]
+
+    @property
+    def pair_indexes(self) -> frozenset[int]:
+        """Every core pair this placement uses (one, or tp_degree / 2 for a sharded model)."""
+        return frozenset(core // PAIR_SIZE for core in self.device_ids)
 
 
 @runtime_checkable
@@ -361,17 +383,24 @@ class CorePlan:
             footprint = self._footprint_of(key)
             if footprint.home_core_bytes > self.capacity:
                 raise ModelTooLarge(self._too_large_message(key, footprint))
-            taken = {self._placements[k].pair_index for k in apart_from if k in self._placements} | set(avoid_pairs)
-            for index, pair in enumerate(self.inventory.pairs()):
-                if index in taken:
+            if footprint.cores > self.inventory.count:
+                raise ModelTooLarge(
+                    f"{key} is sharded over {footprint.cores} NeuronCores (tp_degree) but this process sees "
+                    f"{self.inventory.describe()}; make {footprint.cores} cores visible or lower its tp_degree")
+            taken = {i for k in apart_from if k in self._placements for i in self._placements[k].pair_indexes}
+            taken |= set(avoid_pairs)
+            for group in self.inventory.groups(footprint.cores):
+                if any(core // PAIR_SIZE in taken for core in group):
                     continue
                 used = self._used_locked()
-                # Prefer as home the core with more room left, so models sharing a pair alternate homes.
-                for home, other in sorted((pair, pair[::-1]), key=lambda order: used[order[0]]):
-                    if (used[home] + footprint.home_core_bytes <= self.capacity
-                            and used[other] + footprint.other_core_bytes <= self.capacity):
-                        placement = Placement(key, index, (home, other), self.inventory.physical_ids((home, other)),
-                                              footprint)
+                # A pair: prefer as home the core with more room left, so models sharing a pair alternate
+                # homes. A tensor-parallel group keeps its order (shard r on core group[r], home first).
+                orders = [group] if len(group) > PAIR_SIZE else sorted((group, group[::-1]), key=lambda o: used[o[0]])
+                for order in orders:
+                    if (used[order[0]] + footprint.home_core_bytes <= self.capacity
+                            and all(used[c] + footprint.other_core_bytes <= self.capacity for c in order[1:])):
+                        placement = Placement(key, group[0] // PAIR_SIZE, tuple(order),
+                                              self.inventory.physical_ids(order), footprint)
                         self._placements[key] = placement
                         return placement
             return None
@@ -396,7 +425,7 @@ class CorePlan:
             pairs = []
             for index, pair in enumerate(self.inventory.pairs()):
                 models = [{"model": str(p.key), "home_core": p.home, "device_ids": list(p.device_ids)}
-                          for p in self._placements.values() if p.pair_index == index]
+                          for p in self._placements.values() if index in p.pair_indexes]
                 pairs.append({
                     "device_ids": list(pair),
                     "physical_cores": list(self.inventory.physical_ids(pair)),
@@ -411,7 +440,8 @@ class CorePlan:
         used = {core: 0 for core in range(self.inventory.count)}
         for p in self._placements.values():
             used[p.device_ids[0]] += p.footprint.home_core_bytes
-            used[p.device_ids[1]] += p.footprint.other_core_bytes
+            for core in p.device_ids[1:]:
+                used[core] += p.footprint.other_core_bytes
         return used
 
     def _too_large_message(self, key: Hashable, footprint: Footprint) -> str:

@@ -14,7 +14,12 @@ import yaml
 from .errors import RegistryError
 from .types import Size
 
-FAMILIES = ("sd15", "sd21", "sdxl")
+FAMILIES = ("sd15", "sd21", "sdxl", "pixart-sigma")
+# Tensor parallelism (NeuronCores one model's T5 and transformer are sharded over on Neuron): PixArt-Sigma
+# only. 8 is seed 002's setting for trn1/inf2 (4 on trn2); docs/inferentia.md.
+TENSOR_PARALLEL_FAMILIES = ("pixart-sigma",)
+DEFAULT_TP_DEGREE = 8
+TP_DEGREES = (1, 2, 4, 8, 16, 32)
 DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "model_registry.yaml"
 DTYPES = ("fp32", "bf16")
 SOURCE_KINDS = ("hub", "local", "single_file")
@@ -84,6 +89,7 @@ class ModelSpec:
     # Requests per compiled UNet call (each a CFG pair): 1 always, more to batch concurrent requests.
     batch_sizes: tuple[int, ...] = (1,)
     scaling: Scaling = Scaling()
+    tp_degree: int = 1  # NeuronCores the sharded components span (PixArt-Sigma on Neuron; 1: no sharding)
 
     @property
     def default_size(self) -> Size:
@@ -179,6 +185,7 @@ def _parse_model(check: _Checker, raw: Any, index: int) -> ModelSpec:
     dtype = raw.get("dtype", "fp32")
     if dtype not in DTYPES:
         raise check.fail(model_id, "dtype", f"one of {', '.join(DTYPES)}", dtype)
+    _check_family_limits(check, model_id, family, raw)
     return ModelSpec(
         id=model_id,
         title=str(raw.get("title", model_id)),
@@ -186,10 +193,35 @@ def _parse_model(check: _Checker, raw: Any, index: int) -> ModelSpec:
         source=_parse_source(check, model_id, family, raw.get("source")),
         dtype=dtype,
         resolutions=_parse_resolutions(check, model_id, raw.get("resolutions")),
-        defaults=_parse_defaults(check, model_id, raw.get("defaults", {})),
+        defaults=_parse_defaults(check, model_id, raw.get("defaults", {}), family),
         batch_sizes=_parse_batch_sizes(check, model_id, raw.get("batch_sizes", [1])),
         scaling=_parse_scaling(check, model_id, raw.get("scaling", {})),
+        tp_degree=_parse_tp_degree(check, model_id, family, raw),
     )
+
+
+def _check_family_limits(check: _Checker, model_id: str, family: str, raw: dict) -> None:
+    """What a family cannot do: PixArt-Sigma has no single-file loader and one compiled batch size."""
+    if family not in TENSOR_PARALLEL_FAMILIES:
+        return
+    source = raw.get("source")
+    if isinstance(source, dict) and "single_file" in source:
+        raise check.fail(model_id, "source", f"hub or local for family {family} (no single-file loader)", source)
+    if raw.get("batch_sizes", [1]) != [1]:
+        raise check.fail(model_id, "batch_sizes", f"[1] for family {family} (one request per transformer call)",
+                         raw.get("batch_sizes"))
+
+
+def _parse_tp_degree(check: _Checker, model_id: str, family: str, raw: dict) -> int:
+    if family not in TENSOR_PARALLEL_FAMILIES:
+        if "tp_degree" in raw:
+            raise check.fail(model_id, "tp_degree", f"no tp_degree for family {family} (only for "
+                             f"{', '.join(TENSOR_PARALLEL_FAMILIES)})", raw["tp_degree"])
+        return 1
+    tp = raw.get("tp_degree", DEFAULT_TP_DEGREE)
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp not in TP_DEGREES:
+        raise check.fail(model_id, "tp_degree", f"one of {', '.join(map(str, TP_DEGREES))}", tp)
+    return tp
 
 
 def _parse_source(check: _Checker, model_id: str, family: str, raw: Any) -> ModelSource:
@@ -253,15 +285,21 @@ def _parse_batch_sizes(check: _Checker, model_id: str, raw: Any) -> tuple[int, .
     return tuple(sorted({1, *raw}))
 
 
-def _parse_defaults(check: _Checker, model_id: str, raw: Any) -> Defaults:
+# Family defaults where they differ from A1111's: PixArt-Sigma's pipeline runs DPM-Solver (A1111 "DPM++ 2M"),
+# 20 steps, CFG 4.5.
+FAMILY_DEFAULTS = {"pixart-sigma": Defaults(sampler="DPM++ 2M", steps=20, cfg_scale=4.5)}
+
+
+def _parse_defaults(check: _Checker, model_id: str, raw: Any, family: str = "sd15") -> Defaults:
     if not isinstance(raw, dict):
         raise check.fail(model_id, "defaults", "a mapping of sampler, steps, cfg_scale", raw)
-    from .samplers import SAMPLERS
+    from .samplers import family_sampler_names
 
-    base = Defaults()
+    base = FAMILY_DEFAULTS.get(family, Defaults())
     sampler = raw.get("sampler", base.sampler)
-    if sampler not in SAMPLERS:
-        raise check.fail(model_id, "defaults.sampler", f"one of {', '.join(SAMPLERS)}", sampler)
+    usable = family_sampler_names(family)
+    if sampler not in usable:
+        raise check.fail(model_id, "defaults.sampler", f"one of {', '.join(usable)}", sampler)
     steps = raw.get("steps", base.steps)
     if not isinstance(steps, int) or not 1 <= steps <= 150:
         raise check.fail(model_id, "defaults.steps", "an integer from 1 to 150", steps)

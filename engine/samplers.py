@@ -93,6 +93,27 @@ def canonical_sampler(name: str, schedule: str = "automatic") -> str:
                             if schedule == "karras" else " or 'karras'"))
 
 
+def family_sampler_names(family: str) -> list[str]:
+    """The samplers models of ``family`` run (PixArt-Sigma refuses some, see ``engine.families``)."""
+    from .families import FAMILIES
+
+    refused = FAMILIES[family].refused_samplers
+    return [name for name in SAMPLERS if name not in refused]
+
+
+def check_sampler_for(family: str, model: str, name: str) -> SamplerRecipe:
+    """``check_sampler``, and ``InvalidRequest`` naming the model, why and the usable samplers when
+    ``family`` does not run sampler ``name``."""
+    from .families import FAMILIES
+
+    recipe = check_sampler(name)
+    why = FAMILIES[family].refused_samplers.get(name)
+    if why is not None:
+        raise InvalidRequest(f"sampler {name!r} is not available for {model} ({family}): {why}; use one of: "
+                             f"{', '.join(family_sampler_names(family))}")
+    return recipe
+
+
 def check_sampler(name: str) -> SamplerRecipe:
     """The recipe for ``name``; raises ``UnknownSampler`` listing the valid names."""
     try:

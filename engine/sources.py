@@ -63,7 +63,7 @@ def load_parts(spec: ModelSpec) -> ModelParts:
             tokenizers["tokenizer_2"] = AutoTokenizer.from_pretrained(ref, subfolder="tokenizer_2", **kwargs)
         return ModelParts(
             scheduler_config=dict(PNDMScheduler.load_config(ref, subfolder="scheduler", **kwargs)),
-            unet_config=dict(UNet2DConditionModel.load_config(ref, subfolder="unet", **kwargs)),
+            unet_config=dict(UNet2DConditionModel.load_config(ref, subfolder=family.denoiser, **kwargs)),
             vae_config=dict(AutoencoderKL.load_config(ref, subfolder="vae", **kwargs)),
             text_encoder_configs={
                 name: AutoConfig.from_pretrained(ref, subfolder=name, **kwargs) for name in family.text_encoders
@@ -87,7 +87,7 @@ class ComponentLoader:
         self._single_file_pipe: Optional[Any] = None
 
     def module(self, name: str) -> nn.Module:
-        """``name`` is a pipeline attribute: text_encoder, text_encoder_2, unet or vae."""
+        """``name`` is a pipeline attribute: text_encoder, text_encoder_2, unet, transformer or vae."""
         try:
             if self.spec.source.kind == "single_file":
                 return getattr(self._single_file_pipeline(), name)
@@ -96,13 +96,15 @@ class ComponentLoader:
             raise _wrap_errors(self.spec, name, exc) from exc
 
     def _from_directory(self, name: str) -> nn.Module:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+        from diffusers import AutoencoderKL, PixArtTransformer2DModel, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
+        pixart = FAMILIES[self.spec.family].denoiser == "transformer"
         classes = {
             "unet": UNet2DConditionModel,
+            "transformer": PixArtTransformer2DModel,
             "vae": AutoencoderKL,
-            TEXT_ENCODER: CLIPTextModel,
+            TEXT_ENCODER: T5EncoderModel if pixart else CLIPTextModel,
             TEXT_ENCODER_2: CLIPTextModelWithProjection,
         }
         dtype_kw = "dtype" if name.startswith("text_encoder") else "torch_dtype"
@@ -129,4 +131,10 @@ def pipeline_class_for(family: str, mode: str) -> Any:
     import diffusers
 
     fam = FAMILIES[family]
-    return getattr(diffusers, fam.txt2img_pipeline if mode == "txt2img" else fam.img2img_pipeline)
+    name = fam.txt2img_pipeline if mode == "txt2img" else fam.img2img_pipeline
+    if ":" in name:  # one of ours, "module:Class" (e.g. PixArt-Sigma's serving pipeline)
+        import importlib
+
+        module, _, attribute = name.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+    return getattr(diffusers, name)

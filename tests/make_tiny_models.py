@@ -2,8 +2,8 @@
 
     python tests/make_tiny_models.py OUT_DIR
 
-Creates ``OUT_DIR/tiny-sd15``, ``tiny-sd21`` and ``tiny-sdxl`` (diffusers directories, SD1.5-,
-SD2.1- and SDXL-shaped configs, a few MB each), ``OUT_DIR/tiny-sd15.safetensors`` (the SD1.5
+Creates ``OUT_DIR/tiny-sd15``, ``tiny-sd21``, ``tiny-sdxl`` and ``tiny-pixart-sigma`` (diffusers
+directories, SD1.5-, SD2.1-, SDXL- and PixArt-Sigma-shaped configs, a few MB each), ``OUT_DIR/tiny-sd15.safetensors`` (the SD1.5
 model as one original-layout checkpoint) and ``OUT_DIR/model_registry.yaml`` pointing at them.
 No network. The models draw noise, but every loading, compiling and generating path runs.
 """
@@ -109,6 +109,42 @@ def make_sdxl(out: Path) -> Path:
     return directory
 
 
+def write_t5_tokenizer(directory: Path) -> None:
+    """A character-level T5 (Unigram) tokenizer built in memory: no sentencepiece model, no download."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0),
+              *((c, -3.0) for c in CHARS), *(("\u2581" + c, -2.5) for c in CHARS)]
+    T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=300).save_pretrained(directory)
+
+
+def make_pixart_sigma(out: Path) -> Path:
+    """PixArt-Sigma-shaped: T5 v1.1 (gated-gelu) encoder, a 2-layer PixArt transformer with learned
+    sigma (8 output channels), the tiny VAE, DPM-Solver as the model's scheduler (as the hub model)."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    torch.manual_seed(4)
+    directory = out / "tiny-pixart-sigma"
+    write_t5_tokenizer(directory / "tokenizer")
+    tokenizer = T5Tokenizer.from_pretrained(directory / "tokenizer")
+    text_encoder = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", relative_attention_num_buckets=8, relative_attention_max_distance=20,
+        pad_token_id=0, eos_token_id=1)).eval()
+    transformer = PixArtTransformer2DModel(
+        sample_size=SIZE // 8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=4,
+        attention_head_dim=8, cross_attention_dim=32, caption_channels=32, norm_type="ada_norm_single",
+        use_additional_conditions=False, norm_num_groups=8).eval()
+    scheduler = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                                            prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2,
+                                            lower_order_final=True, timestep_spacing="linspace", steps_offset=0)
+    pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=_vae(), transformer=transformer,
+                               scheduler=scheduler)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
 def write_registry(out: Path, extra_models: list[dict] | None = None) -> Path:
     models = [
         {"id": "tiny-sd15", "title": "Tiny SD 1.5", "family": "sd15", "source": {"local": "tiny-sd15"},
@@ -122,6 +158,9 @@ def write_registry(out: Path, extra_models: list[dict] | None = None) -> Path:
         {"id": "tiny-sdxl", "title": "Tiny SDXL", "family": "sdxl", "source": {"local": "tiny-sdxl"},
          "resolutions": ["64x64"], "defaults": {"sampler": "Euler", "steps": 4, "cfg_scale": 5},
          "batch_sizes": [3]},
+        {"id": "tiny-pixart-sigma", "title": "Tiny PixArt-Sigma", "family": "pixart-sigma",
+         "source": {"local": "tiny-pixart-sigma"}, "resolutions": ["64x64"], "tp_degree": 2,
+         "defaults": {"sampler": "DPM++ 2M", "steps": 4, "cfg_scale": 4.5}},
         *(extra_models or []),
     ]
     path = out / "model_registry.yaml"
@@ -137,6 +176,7 @@ def make_all(out: Path) -> Path:
     write_ldm_checkpoint(make_sd(out, "sd15"), out / "tiny-sd15.safetensors")
     make_sd(out, "sd21")
     make_sdxl(out)
+    make_pixart_sigma(out)
     return write_registry(out)
 
 

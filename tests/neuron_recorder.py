@@ -255,3 +255,223 @@ def install_nki_flash_attention(monkeypatch: Any) -> list[KernelCall]:
         module.__spec__ = importlib.machinery.ModuleSpec(name, None)
         monkeypatch.setitem(sys.modules, name, module)
     return calls
+
+
+# --- neuronx_distributed (tensor parallelism) ---------------------------------------------------------
+#
+# A RECORDING STAND-IN for ``neuronx_distributed``, NOT the library: ``parallel_model_trace`` calls the
+# engine's builder once per rank (the rank is what ``parallel_state`` answers while it runs), records
+# which submodules became ColumnParallelLinear / RowParallelLinear with which weight shapes, the example
+# input shapes, compiler arguments and tp_degree, and returns the ranks' eager modules. Running that
+# model runs every rank on its own thread; RowParallelLinear sums its partial outputs across the ranks
+# through a barrier (the all-reduce the Neuron collectives do), so a correctly sharded model computes
+# what the unsharded one does. ``parallel_model_save`` / ``parallel_model_load`` write and read one
+# ``tp_<rank>.pt`` per rank (pickled modules here; NEFF-backed TorchScript on Neuron).
+
+
+class _Collective:
+    """The ranks of one parallel call: ``all_reduce`` sums a tensor over them, in rank order."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.barrier = threading.Barrier(size, timeout=60)
+        self.slots: list[Any] = [None] * size
+
+    def all_reduce(self, rank: int, tensor: torch.Tensor) -> torch.Tensor:
+        self.slots[rank] = tensor
+        self.barrier.wait()
+        total = self.slots[0]
+        for other in self.slots[1:]:
+            total = total + other
+        self.barrier.wait()  # every rank has read the slots before the next all-reduce writes them
+        return total
+
+
+class _ParallelState(types.ModuleType):
+    """``neuronx_distributed.parallel_layers.parallel_state``: rank and size of the running rank."""
+
+    def __init__(self) -> None:
+        super().__init__("neuronx_distributed.parallel_layers.parallel_state")
+        self.__spec__ = importlib.machinery.ModuleSpec(self.__name__, None)
+        self.local = threading.local()
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.local.rank
+
+    def get_tensor_model_parallel_size(self) -> int:
+        return self.local.size
+
+
+_STATE = _ParallelState()
+
+
+class ColumnParallelLinear(torch.nn.Linear):
+    """Stand-in: this rank's ``out_features / tp`` outputs (``gather_output=False`` only)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = True,
+                 dtype: torch.dtype = torch.float32, **_: Any):
+        size = _STATE.get_tensor_model_parallel_size()
+        super().__init__(in_features, out_features // size, bias=bias, dtype=dtype)
+        self.full_features = (in_features, out_features)
+        self.gather_output = gather_output
+        if gather_output:
+            raise NotImplementedError("recorded stand-in: gather_output=True is not used by the engine")
+
+
+class RowParallelLinear(torch.nn.Linear):
+    """Stand-in: this rank's ``in_features / tp`` inputs; partial outputs summed over the ranks, then the bias."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, input_is_parallel: bool = False,
+                 dtype: torch.dtype = torch.float32, **_: Any):
+        size = _STATE.get_tensor_model_parallel_size()
+        super().__init__(in_features // size, out_features, bias=bias, dtype=dtype)
+        self.full_features = (in_features, out_features)
+        self.input_is_parallel = input_is_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        partial = torch.nn.functional.linear(x, self.weight)
+        total = _STATE.local.collective.all_reduce(_STATE.local.rank, partial)
+        return total + self.bias if self.bias is not None else total
+
+
+@dataclass
+class ShardRecord:
+    """One sharded linear layer of one rank: its path in the module, kind and weight shape."""
+
+    path: str
+    kind: str  # "column" | "row"
+    weight_shape: tuple[int, ...]
+    full_features: tuple[int, int]
+    bias: bool
+
+
+@dataclass
+class ParallelTraceCall:
+    """One ``parallel_model_trace`` call as the engine made it."""
+
+    builder: Any
+    input_shapes: list[tuple[int, ...]]
+    input_dtypes: list[str]
+    compiler_args: Any
+    compiler_workdir: Path
+    tp_degree: int
+    kwargs: dict[str, Any]
+    shards: list[list[ShardRecord]] = field(default_factory=list)  # per rank
+    devices_seen: set[str] = field(default_factory=set)  # device types of every parameter and input
+    builder_pickles: bool = False
+
+    @property
+    def component(self) -> str:
+        return self.compiler_workdir.parent.name
+
+
+class RecordedParallelModel:
+    """What ``parallel_model_trace`` / ``parallel_model_load`` return: every rank run on its own thread."""
+
+    def __init__(self, ranks: list[torch.nn.Module]):
+        self.ranks = ranks
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        size = len(self.ranks)
+        collective = _Collective(size)
+        results: list[Any] = [None] * size
+        errors: list[BaseException] = []
+
+        def run(rank: int) -> None:
+            _STATE.local.rank, _STATE.local.size, _STATE.local.collective = rank, size, collective
+            try:
+                with torch.inference_mode():
+                    results[rank] = self.ranks[rank](*inputs)
+            except BaseException as exc:  # reported on the calling thread
+                errors.append(exc)
+                collective.barrier.abort()
+
+        threads = [threading.Thread(target=run, args=(rank,)) for rank in range(size)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return results[0]  # every rank holds the full (replicated) output
+
+
+class RecordingNeuronxDistributed:
+    """The recorder behind the ``neuronx_distributed`` stand-in modules (see ``install_neuronx_distributed``)."""
+
+    def __init__(self) -> None:
+        self.traces: list[ParallelTraceCall] = []
+        self.saves: list[tuple[Path, int]] = []
+        self.loads: list[tuple[Path, list[str]]] = []
+
+    def parallel_model_trace(self, func: Any, example_inputs: Any, compiler_workdir: Optional[str] = None,
+                             compiler_args: Any = None, tp_degree: int = 1, **kwargs: Any) -> RecordedParallelModel:
+        import pickle
+
+        inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        workdir = Path(compiler_workdir) if compiler_workdir else Path(".")
+        workdir.mkdir(parents=True, exist_ok=True)
+        call = ParallelTraceCall(func, [tuple(x.shape) for x in inputs], [str(x.dtype).replace("torch.", "")
+                                                                           for x in inputs],
+                                 compiler_args, workdir, tp_degree, dict(kwargs))
+        try:  # the real library calls func in one spawned process per rank
+            pickle.dumps(func)
+            call.builder_pickles = True
+        except Exception:  # recorded, the test asserts on it
+            call.builder_pickles = False
+        self.traces.append(call)
+        ranks = []
+        for rank in range(tp_degree):
+            _STATE.local.rank, _STATE.local.size = rank, tp_degree
+            module, _aliases = func()
+            call.shards.append([ShardRecord(name, "column" if isinstance(m, ColumnParallelLinear) else "row",
+                                            tuple(m.weight.shape), m.full_features, m.bias is not None)
+                                for name, m in module.named_modules()
+                                if isinstance(m, (ColumnParallelLinear, RowParallelLinear))])
+            call.devices_seen |= {p.device.type for p in module.parameters()} | {x.device.type for x in inputs}
+            ranks.append(module.eval())
+        model = RecordedParallelModel(ranks)
+        model(*inputs)  # as tracing runs the model once
+        return model
+
+    def parallel_model_save(self, model: RecordedParallelModel, save_dir: str) -> None:
+        directory = Path(save_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        for rank, module in enumerate(model.ranks):
+            torch.save(module, directory / f"tp_{rank}.pt")
+        self.saves.append((directory, len(model.ranks)))
+
+    def parallel_model_load(self, model_dir: str) -> RecordedParallelModel:
+        directory = Path(model_dir)
+        files = sorted(os.listdir(directory), key=lambda name: int(name.replace("tp_", "").replace(".pt", "")))
+        self.loads.append((directory, files))
+        return RecordedParallelModel([torch.load(directory / name, weights_only=False).eval() for name in files])
+
+    def traces_of(self, component: str) -> list[ParallelTraceCall]:
+        return [t for t in self.traces if t.component == component]
+
+
+def install_neuronx_distributed(monkeypatch: Any) -> RecordingNeuronxDistributed:
+    """Put the ``neuronx_distributed`` RECORDING STAND-IN into ``sys.modules`` (``.trace``,
+    ``.parallel_layers.layers``, ``.parallel_layers.parallel_state``) for the lifetime of ``monkeypatch``."""
+    recorder = RecordingNeuronxDistributed()
+    modules = {name: types.ModuleType(name) for name in (
+        "neuronx_distributed", "neuronx_distributed.trace", "neuronx_distributed.parallel_layers",
+        "neuronx_distributed.parallel_layers.layers")}
+    modules["neuronx_distributed.parallel_layers.parallel_state"] = _STATE
+    trace = modules["neuronx_distributed.trace"]
+    trace.parallel_model_trace = recorder.parallel_model_trace  # type: ignore[attr-defined]
+    trace.parallel_model_save = recorder.parallel_model_save  # type: ignore[attr-defined]
+    trace.parallel_model_load = recorder.parallel_model_load  # type: ignore[attr-defined]
+    layers = modules["neuronx_distributed.parallel_layers.layers"]
+    layers.ColumnParallelLinear = ColumnParallelLinear  # type: ignore[attr-defined]
+    layers.RowParallelLinear = RowParallelLinear  # type: ignore[attr-defined]
+    modules["neuronx_distributed"].trace = trace  # type: ignore[attr-defined]
+    modules["neuronx_distributed"].parallel_layers = modules["neuronx_distributed.parallel_layers"]  # type: ignore[attr-defined]
+    modules["neuronx_distributed.parallel_layers"].layers = layers  # type: ignore[attr-defined]
+    modules["neuronx_distributed.parallel_layers"].parallel_state = _STATE  # type: ignore[attr-defined]
+    for name, module in modules.items():
+        if module is not _STATE:
+            module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, module)
+    return recorder

@@ -27,7 +27,7 @@ def _model(**overrides):
 
 def test_tiny_registry_loads_frozen_specs(tiny_registry_path):
     registry = load_registry(tiny_registry_path)
-    assert registry.ids == ("tiny-sd15", "tiny-sd21", "tiny-sd15-file", "tiny-sdxl")
+    assert registry.ids == ("tiny-sd15", "tiny-sd21", "tiny-sd15-file", "tiny-sdxl", "tiny-pixart-sigma")
     spec = registry.get("tiny-sd15")
     assert spec.resolutions == (Size(64, 64), Size(64, 96))
     assert spec.source.kind == "local" and Path(spec.source.ref).is_absolute()

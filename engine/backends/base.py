@@ -55,6 +55,22 @@ class Backend(ABC):
         """Compile ``module`` for ``example_inputs`` into ``out_dir``; returns manifest details."""
         raise NotImplementedError(f"the {self.name} backend compiles nothing")
 
+    def tensor_parallel_degree(self, spec: Any) -> int:
+        """NeuronCores the sharded components of ``spec`` (a ModelSpec) span on this backend: 1 (none)."""
+        return 1
+
+    def sharded_components(self, family: Family) -> tuple[str, ...]:
+        """The components of ``family`` this backend compiles sharded (``compile_sharded``)."""
+        return ()
+
+    def compile_sharded(
+        self, family: Family, component: str, spec: Any, example_inputs: Sequence[torch.Tensor], out_dir: Path,
+        tp_degree: int,
+    ) -> dict[str, Any]:
+        """Compile ``component`` of ``spec`` sharded over ``tp_degree`` cores into ``out_dir``; each rank
+        loads its own shard of the weights from the model source."""
+        raise NotImplementedError(f"the {self.name} backend compiles nothing sharded")
+
     def load_component(
         self, component: str, path: Path, entry: dict[str, Any], device_ids: Optional[Sequence[int]] = None
     ) -> Callable[..., Any]:

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactMismatch, BackendUnavailable, CompileError, ModelLoadError
-from ..families import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_ENCODER, Family
+from ..families import FAMILIES, TEXT_ENCODER, TEXT_ENCODER_2, TRANSFORMER, UNET, VAE_DECODER, VAE_ENCODER, Family
 from ..placement import (CoreInventory, core_owners, device_nodes, discover_cores, footprint_from_manifest,
                          owners_message, run_neuron_ls)
 from . import NEURON_TARGETS
@@ -134,7 +134,8 @@ def compiler_args(family: Family, component: str, dtype: str, optlevel: Optional
       adopted the same fix in PR 961);
     * ``--model-type=unet-inference`` for the UNet and the VAE decoder and encoder (U-Net shaped
       convolution graphs), ``--model-type=transformer`` for the text encoders (as optimum-neuron's
-      exporter passes them);
+      exporter passes them); for PixArt-Sigma ``unet-inference`` on every component, T5 included, as
+      seed 002's compile scripts pass it;
     * ``--enable-fast-loading-neuron-binaries`` everywhere except the SDXL UNet, which the
       aws-neuron-samples SDXL notebook compiles without it (the sample gives no reason; we follow
       the recipe that was validated on hardware rather than guess at one);
@@ -145,7 +146,7 @@ def compiler_args(family: Family, component: str, dtype: str, optlevel: Optional
     if target not in NEURON_TARGETS:
         raise CompileError(f"unknown Neuron compile target {target!r}; use one of {', '.join(NEURON_TARGETS)}")
     args = [f"--target={target}"]
-    if component in (UNET, VAE_DECODER, VAE_ENCODER):
+    if component in (UNET, VAE_DECODER, VAE_ENCODER) or family.denoiser == TRANSFORMER:
         args.append("--model-type=unet-inference")
     elif component in (TEXT_ENCODER, TEXT_ENCODER_2):
         args.append("--model-type=transformer")
@@ -401,6 +402,9 @@ class NeuronBackend(Backend):
                     f"{where} {manifest.get('size', '')} was compiled with {name} {built.get(name, 'unknown')}, "
                     f"this machine has {name} {here[name]}; Neuron binaries load only on the release that built "
                     f"them: {recompile}")
+        if manifest.get("family") in FAMILIES and FAMILIES[manifest["family"]].denoiser == TRANSFORMER:
+            self._check_parallel_target(manifest, where, recompile)
+            return
         target = manifest.get("target") or {}
         layout = target.get("unet") or {}
         unet_entry = (manifest.get("components") or {}).get(UNET, {})
@@ -410,27 +414,46 @@ class NeuronBackend(Backend):
             raise ArtifactMismatch(
                 f"{where} {manifest.get('size', '')} has no Neuron UNet batch layout this backend can run "
                 f"(target {target or 'missing'}); {recompile}")
+        self._require_cores(manifest, where, int(target.get("cores_per_model", cores)),
+                            f"its UNet runs DataParallel over {cores} cores, batch {per_core} each",
+                            f"{recompile} for this layout once it is supported")
+        self._check_memory(manifest, where, f"set dtype: bf16 for it in the registry and {recompile}")
+
+    def _check_parallel_target(self, manifest: dict[str, Any], where: str, recompile: str) -> None:
+        """PixArt-Sigma: its T5 and transformer span ``tp_degree`` cores (one shard each)."""
+        from ..placement import INSTANCES_BY_CORES
+
+        needed = max(int(manifest.get("tp_degree") or 1), 1)
+        fits = [name for count, name in sorted(INSTANCES_BY_CORES.items()) if count >= needed]
+        self._require_cores(manifest, where, needed,
+                            f"sharded over them: tp_degree {needed}, one shard of its T5 encoder and transformer "
+                            f"per core; instances with enough: {', '.join(fits) or 'none listed'}",
+                            f"set a smaller tp_degree in the registry and {recompile}")
+        self._check_memory(manifest, where, f"raise tp_degree or use dtype: bf16 in the registry and {recompile}")
+
+    def _require_cores(self, manifest: dict[str, Any], where: str, needed: int, why: str, remedy: str) -> None:
         inventory = self.core_inventory()
-        needed = int(target.get("cores_per_model", cores))
         if inventory.count < needed:
             raise ArtifactMismatch(
-                f"{where} {manifest.get('size', '')} needs {needed} NeuronCores (its UNet runs DataParallel over "
-                f"{cores} cores, batch {per_core} each) but this process sees {inventory.describe()}. Make at least "
-                f"{needed} cores visible (e.g. NEURON_RT_VISIBLE_CORES=0-{needed - 1}), or {recompile} for this "
-                f"layout once it is supported")
+                f"{where} {manifest.get('size', '')} needs {needed} NeuronCores ({why}) but this process sees "
+                f"{inventory.describe()}. Make at least {needed} cores visible (e.g. NEURON_RT_VISIBLE_CORES=0-"
+                f"{needed - 1}), or {remedy}")
+
+    def _check_memory(self, manifest: dict[str, Any], where: str, remedy: str) -> None:
+        """Host RAM to load the binaries, and device memory on the fullest core (``remedy``: what to do)."""
         self._check_host_ram(manifest, where)
         footprint = footprint_from_manifest(manifest)
-        if footprint.home_core_bytes > inventory.hbm_bytes_per_core:
+        capacity = self.core_inventory().hbm_bytes_per_core
+        if footprint.home_core_bytes > capacity:
             raise ArtifactMismatch(
                 f"{where} {manifest.get('size', '')} needs {footprint.home_core_bytes / 2**30:.1f} GiB on one "
-                f"NeuronCore, more than its {inventory.hbm_bytes_per_core / 2**30:.1f} GiB; set dtype: bf16 for it "
-                f"in the registry and {recompile}")
+                f"NeuronCore, more than its {capacity / 2**30:.1f} GiB; {remedy}")
 
     def _check_host_ram(self, manifest: dict[str, Any], where: str) -> None:
         """Loading reads every Neuron binary of the variant into host memory before the device takes
         it: refuse up front, naming the instance types that fit, rather than be killed for memory."""
-        needed = int(sum(int(e.get("bytes", 0)) for e in (manifest.get("components") or {}).values())
-                     * HOST_RAM_PER_ARTIFACT_BYTE)
+        needed = int(sum(int(e.get("bytes", 0)) + sum(int(s.get("bytes", 0)) for s in e.get("shards") or ())
+                         for e in (manifest.get("components") or {}).values()) * HOST_RAM_PER_ARTIFACT_BYTE)
         available = self._available_ram()
         if needed <= available:
             return
@@ -442,6 +465,64 @@ class NeuronBackend(Backend):
             f"{' (SDXL on inf2.xlarge is unsupported upstream, aws-neuron-sdk issue 753)' if 'inf2.xlarge' not in fits else ''}")
 
     # --- compiling --------------------------------------------------------------------------------
+
+    def tensor_parallel_degree(self, spec: Any) -> int:
+        return int(getattr(spec, "tp_degree", 1) or 1)
+
+    def sharded_components(self, family: Family) -> tuple[str, ...]:
+        from .neuron_parallel import SHARDED_COMPONENTS
+
+        return SHARDED_COMPONENTS if family.denoiser == TRANSFORMER else ()
+
+    def compile_sharded(
+        self, family: Family, component: str, spec: Any, example_inputs: Sequence[torch.Tensor], out_dir: Path,
+        tp_degree: int,
+    ) -> dict[str, Any]:
+        """``neuronx_distributed.trace.parallel_model_trace`` over ``tp_degree`` ranks, each building its
+        own shard (``ShardBuilder``), then ``parallel_model_save``: one ``tp_<rank>.pt`` per core. Weights
+        stay outside the NEFFs (``inline_weights_to_neff=False``, as seed 002 traces the transformer)."""
+        from .neuron_parallel import SHARDS_DIR, ShardBuilder
+
+        nxd_trace = _import_nxd_trace()
+        args = compiler_args(family, component, spec.dtype, self.optlevel, self.compile_target)
+        # bf16: the ranks load bf16 weights (as the seed's pipeline), so the graphs take bf16 inputs.
+        weights_dtype = torch.bfloat16 if spec.dtype == "bf16" else torch.float32
+        inputs = tuple(x.to(weights_dtype) if x.is_floating_point() else x for x in example_inputs)
+        workdir = out_dir / COMPILER_WORKDIR
+        started = time.perf_counter()
+        try:
+            with torch.no_grad():
+                traced = nxd_trace.parallel_model_trace(
+                    ShardBuilder(spec, component, tp_degree), inputs, compiler_workdir=str(workdir),
+                    compiler_args=args, tp_degree=tp_degree, inline_weights_to_neff=False)
+            nxd_trace.parallel_model_save(traced, str(out_dir / SHARDS_DIR))
+        except (CompileError, BackendUnavailable):
+            raise
+        except Exception as exc:  # compiler failures come in many types; report them as one
+            raise CompileError(f"neuronx-cc failed on {component} sharded over {tp_degree} cores "
+                               f"({' '.join(args)}): {exc}{_log_tail(workdir)}") from exc
+        seconds = time.perf_counter() - started
+        if not self.keep_compiler_workdirs:
+            shutil.rmtree(workdir, ignore_errors=True)
+        from .. import artifacts
+
+        ranks = [out_dir / SHARDS_DIR / f"tp_{rank}.pt" for rank in range(tp_degree)]
+        missing = [p.name for p in ranks if not p.is_file()]
+        if missing:
+            raise CompileError(f"parallel_model_save wrote no {', '.join(missing)} for {component}")
+        return {
+            # rank 0 is the component's file (checksummed with the others); the other ranks are listed in "shards"
+            "file": f"{out_dir.name}/{SHARDS_DIR}/{ranks[0].name}",
+            "shards": [{"file": f"{out_dir.name}/{SHARDS_DIR}/{p.name}", "bytes": p.stat().st_size,
+                        "sha256": artifacts.sha256_file(p)} for p in ranks[1:]],
+            "tp_degree": tp_degree,
+            "inputs": input_specs(inputs),
+            "batch": int(inputs[0].shape[0]),
+            "input_dtype": str(weights_dtype).replace("torch.", ""),
+            "compiler_args": args,
+            "attention": "diffusers AttnProcessor (bmm, softmax)" if component == TRANSFORMER else "transformers T5",
+            "compile_seconds": round(seconds, 3),
+        }
 
     def tracing(self, family: Family, component: str) -> contextlib.AbstractContextManager[Any]:
         if component == UNET:
@@ -531,6 +612,14 @@ class NeuronBackend(Backend):
         self, component: str, path: Path, entry: dict[str, Any], device_ids: Optional[Sequence[int]]
     ) -> Callable[..., Any]:
         ids = list(device_ids) if device_ids else list(self.core_inventory().pairs()[0])
+        tp_degree = int(entry.get("tp_degree", 1))
+        if tp_degree > 1:
+            # The shards go to tp_degree consecutive cores from the group's first (rank r on core ids[0] + r).
+            if len(ids) < tp_degree:
+                raise ArtifactMismatch(f"{component} is sharded over {tp_degree} NeuronCores; it was given {ids}")
+            experimental = importlib.import_module("torch_neuronx.experimental")
+            with experimental.neuron_cores_context(start_nc=ids[0], nc_count=tp_degree):
+                return _import_nxd_trace().parallel_model_load(str(path.parent))
         if component == UNET:
             cores = int((entry.get("layout") or {}).get("cores", UNET_CORES))
             if len(ids) < cores:
@@ -540,6 +629,16 @@ class NeuronBackend(Backend):
         experimental = importlib.import_module("torch_neuronx.experimental")
         with experimental.neuron_cores_context(start_nc=ids[0], nc_count=1):
             return _jit_load(path)
+
+
+def _import_nxd_trace() -> ModuleType:
+    """``neuronx_distributed.trace`` (tensor parallelism); ``BackendUnavailable`` when it is absent."""
+    try:
+        return importlib.import_module("neuronx_distributed.trace")
+    except ImportError as exc:
+        raise BackendUnavailable(
+            f"neuronx_distributed is not installed ({exc}); PixArt-Sigma is sharded over NeuronCores with it "
+            f"(tp_degree in the registry). It comes with the Neuron DLAMI's PyTorch venv. {SDK_HINT}") from None
 
 
 def _jit_load(path: Path) -> Any:
