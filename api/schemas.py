@@ -10,17 +10,22 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_IMAGES = 16  # batch_size * n_iter, as the engine allows per request
 MAX_SEED = 2**32 - 1
 
 
+class _NonFinite(str):
+    """NaN or ±infinity from a request body, as its JSON spelling: FastAPI cannot write the float back."""
+
+
 def _finite_only(value: Any) -> Any:
     """``value`` with NaN and ±infinity (JSON has neither, Python's parser reads ``NaN`` and
-    ``Infinity`` anyway) replaced by the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``."""
+    ``Infinity`` anyway) replaced by ``_NonFinite`` text: "NaN", "Infinity", "-Infinity"."""
     if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+        return _NonFinite("NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity"))
     if isinstance(value, dict):
         return {key: _finite_only(item) for key, item in value.items()}
     if isinstance(value, list):
@@ -29,9 +34,10 @@ def _finite_only(value: Any) -> Any:
 
 
 class _Body(BaseModel):
-    """A request body: a NaN or infinite number is a 422 naming the field ("Input should be a finite
-    number"), never a value the engine sees or a 500 when FastAPI writes the error (its JSON encoder
-    refuses NaN, so the offending input is kept as text)."""
+    """A request body: a NaN or infinite number in a field is a 422 naming the field ("Input should
+    be a finite number, got NaN"), never a value the engine sees or a 500 when FastAPI writes the
+    error (its JSON encoder refuses NaN, so the offending input is kept as text). In a field this
+    server does not know, it is kept as that text."""
 
     model_config = ConfigDict(allow_inf_nan=False)
 
@@ -39,6 +45,14 @@ class _Body(BaseModel):
     @classmethod
     def _no_nan(cls, data: Any) -> Any:
         return _finite_only(data)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _finite(cls, value: Any) -> Any:
+        if isinstance(value, _NonFinite):
+            raise PydanticCustomError("finite_number", "Input should be a finite number, got {value}",
+                                      {"value": str(value)})
+        return value
 
 
 class _Lenient(_Body):

@@ -486,9 +486,13 @@ def _check_range(name: str, value: Any, low: float, high: float, whole: bool = F
     """``value`` is a number from ``low`` to ``high`` (NaN and infinities are not); with ``whole``
     an integer (2.0 passes, 2.5 does not: the engine never rounds what it was asked for)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
-        raise InvalidRequest(f"{name} must be between {low:g} and {high:g}, got {value!r}")
+        raise InvalidRequest(f"{name} must be between {_number(low)} and {_number(high)}, got {value!r}")
     if whole and not float(value).is_integer():
         raise InvalidRequest(f"{name} must be a whole number, got {value!r}")
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def _check_fields(request: GenerateRequest) -> None:

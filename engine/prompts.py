@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+MAX_SHOWN = 300  # characters of the dropped text a notice quotes (a pasted essay must not fill the screen)
+
 
 def dropped_words(tokenizer: Any, text: str) -> Optional[tuple[int, int, str]]:
     """(tokens in ``text``, tokens kept, the dropped text) when ``text`` is too long, else None."""
@@ -26,8 +28,10 @@ def truncation_notices(tokenizer: Any, prompt: str, negative_prompt: str) -> tup
         cut = dropped_words(tokenizer, text)
         if cut is not None:
             total, kept, dropped = cut
-            notices.append(f"the {label} is {total} tokens and the model reads {kept}: "
-                           f"these words were ignored: \"{dropped}\"")
+            shown = (f'"{dropped}"' if len(dropped) <= MAX_SHOWN
+                     else f'"{dropped[:MAX_SHOWN]}…" and {len(dropped) - MAX_SHOWN:,} more characters')
+            notices.append(f"the {label} is {total:,} tokens and the model reads {kept}: "
+                           f"these words were ignored: {shown}")
     return tuple(notices)
 
 

@@ -21,11 +21,14 @@ shows this table as the user sees it.
 """
 from __future__ import annotations
 
+import html
 import io
+import json
+import re
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Union
 
 import numpy as np
 from PIL import Image
@@ -205,7 +208,8 @@ CASES: tuple[Case, ...] = (
     # prompts: every text is generated from; what the model cannot read is said, never dropped silently
     Case("prompt-empty", {"prompt": ""}, IMAGE, why="generates, as A1111 does"),
     Case("prompt-whitespace", {"prompt": " \n\t "}, IMAGE),
-    Case("prompt-100k-characters", {"prompt": "a cat " * 16667}, IMAGE, "these words were ignored"),
+    Case("prompt-100k-characters", {"prompt": "a cat " * 16667}, IMAGE, "more characters",
+         why="the notice quotes the first 300 dropped characters and counts the rest"),
     Case("prompt-over-77-tokens", {"prompt": _WORDS}, IMAGE, "these words were ignored"),
     Case("negative-prompt-over-77-tokens", {"negative_prompt": _WORDS}, IMAGE, "the negative prompt is"),
     Case("prompt-unicode", {"prompt": "ein Kätzchen, 一只小猫, кошка, ΓΑΤΑ"}, IMAGE),
@@ -326,6 +330,11 @@ CASES: tuple[Case, ...] = (
     Case("image-url-not-allowed", {"image_text": "http://169.254.169.254/latest/meta-data"}, REFUSED,
          "--allow-image-urls", levels=("api",)),
     Case("image-data-uri", {"image": "png", "data_uri": True}, IMAGE, levels=("api",)),
+    # HTTP only: fields the API accepts and does not use, holding numbers JSON does not have
+    Case("unknown-field-nan", {"extra": {"my_extension": float("nan")}}, IMAGE, "ignored fields", levels=("api",)),
+    Case("override-setting-infinity", {"extra": {"override_settings": {"sd_model_checkpoint": "tiny-sd15",
+                                                                         "eta_noise_seed_delta": float("inf")}}},
+         IMAGE, "ignored override_settings", levels=("api",)),
 )
 
 assert len({case.id for case in CASES}) == len(CASES), "case ids must be unique"
@@ -335,7 +344,61 @@ def cases_at(level: str) -> list[Case]:
     return [case for case in CASES if level in case.levels]
 
 
-def describe(case: Case, level: Optional[str] = None) -> str:
-    """One line of docs/reliability-inputs.md."""
-    expect, needle = case.at(level or case.levels[0])
-    return f"{case.id}: {expect} {needle}".strip()
+# --- docs/reliability-inputs.md from a run: pytest tests/test_input_table.py --junitxml=run.xml --------
+
+def markdown(junit_xml: str) -> str:
+    """The table as the user sees it, from what ``test_input_table.py`` recorded at each level."""
+    import xml.etree.ElementTree as ElementTree
+
+    seen: dict[tuple[str, str], str] = {}
+    for test in ElementTree.parse(junit_xml).iter("testcase"):
+        found = re.fullmatch(r"test_(engine|http_api|ui)\[(.+)\]", test.get("name", ""))
+        if found:
+            props = {p.get("name"): p.get("value", "") for p in test.iter("property")}
+            seen[(found.group(2), found.group(1).replace("http_", ""))] = _cell(props)
+    rows = ["| Case | Request | Engine | HTTP API (`/sdapi/v1`) | UI (`gradio_client`) |", "|---|---|---|---|---|"]
+    for case in CASES:
+        cells = [seen.get((case.id, level), "—" if level not in case.levels else "not run") for level in LEVELS]
+        request = _request(case) + (f" ({case.why})" if case.why else "")
+        rows.append("| " + " | ".join(_md(text) for text in (case.id, request, *cells)) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def _request(case: Case) -> str:
+    def short(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= 48 else f"{text[:40]}… ({len(str(value)):,} chars)"
+    return ", ".join(f"{key}={short(value)}" for key, value in case.change.items()) or "the base request"
+
+
+def _cell(props: Mapping[str, str]) -> str:
+    if "refused" in props:
+        status = f"{props['status']}: " if "status" in props else ""
+        return "refused — " + status + _message(props["refused"])
+    images = props.get("images", "")
+    count_size, _, notices = images.partition("; ")
+    notice = notices.split("⚠️", 1)[1] if "⚠️" in notices else ("" if "it/s" in notices else notices)
+    return f"images {count_size}" + (f" + notice: {_message(notice)}" if notice.strip() else "")
+
+
+def _message(text: str) -> str:
+    """A refusal without its JSON wrapping and test paths, cut to a readable length."""
+    try:
+        detail = json.loads(text)["detail"]
+        text = detail if isinstance(detail, str) else "; ".join(
+            ".".join(str(part) for part in error["loc"][1:]) + ": " * (len(error["loc"]) > 1) + error["msg"]
+            for error in detail)
+    except (ValueError, KeyError, TypeError):
+        pass
+    text = re.sub(r"/\S*/(model_registry\.yaml)", r"\1", html.unescape(text.strip()))
+    return text if len(text) <= 480 else text[:477] + "…"
+
+
+def _md(text: str) -> str:
+    return " ".join(text.replace("|", "\\|").split())
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(markdown(sys.argv[1]))

@@ -43,13 +43,15 @@ def fields_of(case: Case) -> dict[str, Any]:
             "resize_mode": RESIZE_MODES[0], **BASE, **case.change}
 
 
-def check_refusal(case: Case, level: str, message: str) -> None:
+def check_refusal(case: Case, level: str, message: str, record: Any) -> None:
+    record("refused", message)  # in --junitxml: what the user saw (docs/reliability-inputs.md)
     _, needle = case.at(level)
     assert needle.lower() in message.lower(), f"{case.id} at {level}: {needle!r} not in {message!r}"
     assert not any(word in message.lower() for word in GENERIC), f"{case.id} at {level}: generic {message!r}"
 
 
-def check_images(case: Case, level: str, sizes: list[tuple[int, int]], notices: str) -> None:
+def check_images(case: Case, level: str, sizes: list[tuple[int, int]], notices: str, record: Any) -> None:
+    record("images", f"{len(sizes)} x {sizes[0][0]}x{sizes[0][1]}" + (f"; {notices}" if notices else ""))
     fields = fields_of(case)
     size = Size.parse(case.size)
     assert sizes == [(size.width, size.height)] * fields["batch"], f"{case.id} at {level}: {sizes}"
@@ -73,16 +75,16 @@ def engine_request(case: Case) -> GenerateRequest:
 
 
 @pytest.mark.parametrize("case", cases_at("engine"), ids=lambda c: c.id)
-def test_engine(cpu_engine, case: Case):
+def test_engine(cpu_engine, record_property, case: Case):
     expect, _ = case.at("engine")
     try:
         result = cpu_engine.generate(engine_request(case))
     except EngineError as exc:
         assert expect == REFUSED, f"{case.id}: refused with {exc}"
-        check_refusal(case, "engine", str(exc))
+        check_refusal(case, "engine", str(exc), record_property)
         return
     assert expect == IMAGE, f"{case.id}: made images instead of refusing"
-    check_images(case, "engine", [g.image.size for g in result.images], " ".join(result.notices))
+    check_images(case, "engine", [g.image.size for g in result.images], " ".join(result.notices), record_property)
 
 
 @pytest.mark.parametrize("case", [c for c in cases_at("engine") if c.looks], ids=lambda c: c.id)
@@ -130,11 +132,11 @@ def api_body(case: Case) -> dict[str, Any]:
             body["init_images"] = ["data:image/png;base64," + encoded if f.get("data_uri") else encoded]
         elif "image_text" in f:
             body["init_images"] = [f["image_text"]]
-    return body
+    return {**body, **f.get("extra", {})}
 
 
 @pytest.mark.parametrize("case", cases_at("api"), ids=lambda c: c.id)
-def test_http_api(http, ui_server, case: Case):
+def test_http_api(http, ui_server, record_property, case: Case):
     expect, _ = case.at("api")
     response = http.post(f"/sdapi/v1/{case.mode}", content=json.dumps(api_body(case)),
                          headers={"content-type": "application/json"})
@@ -142,12 +144,13 @@ def test_http_api(http, ui_server, case: Case):
     assert response.status_code < 500, f"{case.id}: {response.status_code} {response.text[:500]}"
     if expect == REFUSED:
         assert 400 <= response.status_code < 500, f"{case.id}: {response.status_code}"
-        check_refusal(case, "api", response.text)
+        record_property("status", response.status_code)
+        check_refusal(case, "api", response.text, record_property)
         return
     assert response.status_code == 200, f"{case.id}: {response.text[:500]}"
     data = response.json()
     sizes = [Image.open(io.BytesIO(base64.b64decode(text))).size for text in data["images"]]
-    check_images(case, "api", sizes, " ".join(data["warnings"]))
+    check_images(case, "api", sizes, " ".join(data["warnings"]), record_property)
 
 
 def test_http_api_serves_after_the_table(http):
@@ -184,7 +187,7 @@ def ui_arguments(case: Case, files: Path) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("case", cases_at("ui"), ids=lambda c: c.id)
-def test_ui(ui_client, ui_server, tmp_path, case: Case):
+def test_ui(ui_client, ui_server, tmp_path, record_property, case: Case):
     from gradio_client.exceptions import AppError
 
     assert not any(isinstance(v, float) and not math.isfinite(v) for v in case.change.values())
@@ -194,11 +197,11 @@ def test_ui(ui_client, ui_server, tmp_path, case: Case):
     except AppError as exc:
         assert ui_server.alive(), f"{case.id} killed the server"
         assert expect == REFUSED, f"{case.id}: refused with {exc}"
-        check_refusal(case, "ui", str(exc))
+        check_refusal(case, "ui", str(exc), record_property)
         return
     assert expect == IMAGE, f"{case.id}: made images instead of refusing"
     sizes = [Image.open(item["image"]).size for item in images]
-    check_images(case, "ui", sizes, stats)
+    check_images(case, "ui", sizes, stats, record_property)
 
 
 def test_ui_serves_after_the_table(ui_client, ui_server, tmp_path, log_start):
