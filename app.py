@@ -49,7 +49,7 @@ def engine_settings(settings: AppSettings):  # noqa: ANN201 - EngineSettings, im
                      for r in settings.replicas)
     return EngineSettings(max_warm=settings.max_warm, workers=settings.concurrency,
                           batch_wait_s=settings.batch_wait_ms / 1000, replicas=replicas,
-                          replicas_auto=settings.replicas_auto)
+                          replicas_auto=settings.replicas_auto, preview_every=settings.preview_every)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -73,7 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     quiet_libraries()
     try:
-        registry = load_registry(settings.registry)
+        registry = load_registry(settings.registry, settings.allow_unsafe_pickle)
         backend = make_backend(settings.backend, settings.neuron_target)
         if settings.autocompile:
             ensure_compiled(registry, backend, registry.default_model, log=lambda line: print(line, flush=True))
@@ -109,7 +109,7 @@ def serve_options(settings: AppSettings, argv: Sequence[str] = ()):  # noqa: ANN
     from engine.compile import plan
     from serve.config import ServeOptions
 
-    registry = load_registry(settings.registry)
+    registry = load_registry(settings.registry, settings.allow_unsafe_pickle)
     try:
         backend = make_backend(settings.backend, settings.neuron_target)
         ready = {row.spec.id for row in plan(registry, backend)
@@ -126,7 +126,8 @@ def serve_options(settings: AppSettings, argv: Sequence[str] = ()):  # noqa: ANN
     return ServeOptions(registry=str(registry.path.resolve()), backend=name, neuron_target=settings.neuron_target,
                         threads=settings.threads or 1,
                         batch_wait_s=settings.batch_wait_ms / 1000, models=models,
-                        replicas={r.model: r.count for r in settings.replicas}, app_flags=tuple(flags))
+                        replicas={r.model: r.count for r in settings.replicas}, app_flags=tuple(flags),
+                        allow_unsafe_pickle=settings.allow_unsafe_pickle)
 
 
 def without_ray_flag(argv: Sequence[str]) -> list[str]:
@@ -164,15 +165,19 @@ def build_server(engine, settings: AppSettings):  # noqa: ANN001, ANN201 - engin
     import gradio as gr
 
     from api import create_api
+    from engine import OutputStore, RateLimiter
     from ui import build_app, launch_styles
 
     settings.outputs.mkdir(parents=True, exist_ok=True)
-    app, api_context = create_api(engine, settings.outputs, auth=settings.auth,
+    cap = int(settings.outputs_max_gb * 2**30) if settings.outputs_max_gb else None
+    outputs = OutputStore(settings.outputs, max_bytes=cap)  # one store: one cap, one numbering
+    limiter = RateLimiter(settings.rate_limit) if settings.rate_limit else None
+    app, api_context = create_api(engine, outputs, auth=settings.auth,
                                   allow_image_urls=settings.allow_image_urls, flags=settings.public_flags(),
-                                  enabled=settings.api)
+                                  enabled=settings.api, limiter=limiter)
     if settings.api:
         warm_default_model(engine, api_context)
-    demo = build_app(engine, settings)
+    demo = build_app(engine, settings, outputs, limiter)
     return gr.mount_gradio_app(
         app, demo, path="/", auth=api_context.credentials.gradio_auth(), show_error=True,
         allowed_paths=[str(settings.outputs.resolve())], footer_links=["api"], **launch_styles())

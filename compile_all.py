@@ -3,6 +3,10 @@
     python compile_all.py                       # everything missing or stale, on the auto backend
     python compile_all.py --list                # status table, compiles nothing
     python compile_all.py --models deliberate --resolutions 512x768 --force
+    python compile_all.py --verify              # re-hash every compiled file against its manifest
+
+A compiled file's sha256 is recorded at compile and checked at its first load (then remembered by
+size, mtime and inode, so restarts do not hash again); ``--verify`` checks everything now.
 """
 from __future__ import annotations
 
@@ -32,6 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--force", action="store_true", help="recompile even what is up to date")
     parser.add_argument("--dry-run", action="store_true", help="show what would be compiled")
     parser.add_argument("--list", action="store_true", help="print the status table and exit")
+    parser.add_argument("--allow-unsafe-pickle", action="store_true",
+                        help="let .ckpt (pickle) sources be read; convert them to .safetensors instead if you can")
+    parser.add_argument("--verify", action="store_true",
+                        help="re-hash every compiled file against its manifest's sha256 and exit (1 if any is broken)")
     return parser.parse_args(argv)
 
 
@@ -43,11 +51,27 @@ def print_table(rows, backend_name: str) -> None:
         print(f"{row.spec.id:<20} {str(row.size):<11} {batches:<9} {backend_name:<8} {row.status.state}{reason}")
 
 
+def verify(rows, registry, backend_name: str) -> int:
+    """Hash every compiled variant's files; print one line per variant; 1 if any is broken."""
+    broken = 0
+    for row in rows:
+        if row.status.state != "compiled":
+            print(f"{row.spec.id:<20} {str(row.size):<11} {row.status.state} (not checked)")
+            continue
+        directory = artifacts.variant_dir(registry.artifacts_dir, row.spec.id, row.size, backend_name)
+        bad = artifacts.verify_checksums(directory, artifacts.read_manifest(directory), force=True)
+        broken += bool(bad)
+        print(f"{row.spec.id:<20} {str(row.size):<11} " + (f"BROKEN: {', '.join(bad)}" if bad else "ok"))
+    if broken:
+        print(f"{broken} variant(s) broken: recompile them with --force", file=sys.stderr)
+    return 1 if broken else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_libraries()
     try:
-        registry = load_registry(args.registry)
+        registry = load_registry(args.registry, args.allow_unsafe_pickle)
         backend = make_backend(args.backend, args.neuron_target)
         if backend.name == "eager":
             raise EngineError("the eager backend runs without artifacts; choose --backend cpu or neuron")
@@ -57,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"removing leftover of an interrupted compile: {leftover}")
             artifacts.discard_partial(leftover)
         rows = plan(registry, backend, args.models, args.resolutions)
+        if args.verify:
+            return verify(rows, registry, backend.name)
         if args.list or args.dry_run:
             print_table(rows, backend.name)
             if args.dry_run:

@@ -14,7 +14,7 @@ from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from engine import Engine, OutputStore
+from engine import Engine, OutputStore, RateLimiter
 
 from . import metrics, sagemaker, sdapi
 from .auth import Credentials, require_user
@@ -26,11 +26,13 @@ DESCRIPTION = ("AUTOMATIC1111-compatible `/sdapi/v1` and the SageMaker hosting c
                "served from one engine queue shared with the web UI. See docs/api.md.")
 
 
-def create_api(engine: Engine, outputs: Path, auth: Iterable[tuple[str, str]] = (), allow_image_urls: bool = False,
-               flags: Optional[dict[str, Any]] = None, enabled: bool = True) -> tuple[FastAPI, ApiContext]:
+def create_api(engine: Engine, outputs: "Path | OutputStore", auth: Iterable[tuple[str, str]] = (),
+               allow_image_urls: bool = False, flags: Optional[dict[str, Any]] = None, enabled: bool = True,
+               limiter: Optional[RateLimiter] = None) -> tuple[FastAPI, ApiContext]:
     """The server's FastAPI app (API routes when ``enabled``) and the context its routes share."""
-    ctx = ApiContext(engine=engine, outputs=OutputStore(outputs), credentials=Credentials(auth),
-                     allow_image_urls=allow_image_urls, flags=dict(flags or {}))
+    store = outputs if isinstance(outputs, OutputStore) else OutputStore(outputs)
+    ctx = ApiContext(engine=engine, outputs=store, credentials=Credentials(auth),
+                     allow_image_urls=allow_image_urls, flags=dict(flags or {}), limiter=limiter)
     app = FastAPI(title=TITLE, description=DESCRIPTION, version="1.0", docs_url=None, redoc_url=None,
                   openapi_url=None)
     if enabled:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import secrets
 from typing import Callable, Iterable, Optional
 
-from fastapi import Depends, HTTPException, status
+from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+from engine import RateLimiter, client_key
 
 ANONYMOUS_API_OWNER = "api"
 
@@ -53,6 +55,17 @@ def require_user(credentials: Credentials) -> Callable[..., Optional[str]]:
                                 "(a user:password of the server's --auth or --auth-file)",
                                 headers={"WWW-Authenticate": 'Basic realm="Stable Diffusion API"'})
         return given.username
+
+    return dependency
+
+
+def rate_limit(limiter: Optional[RateLimiter], user: Callable[..., Optional[str]]) -> Callable[..., None]:
+    """A FastAPI dependency for generation routes: one request from the client's ``--rate-limit``
+    budget (the user when auth is on, else the address), or ``RateLimited`` (HTTP 429)."""
+
+    def dependency(request: Request, username: Optional[str] = Depends(user)) -> None:
+        if limiter is not None:
+            limiter.acquire(client_key(username, request.client.host if request.client else None))
 
     return dependency
 

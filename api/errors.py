@@ -7,13 +7,14 @@ anything else is a bug: Starlette answers a plain 500 and uvicorn logs the trace
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from engine import (ArtifactMismatch, ArtifactMissing, BackendUnavailable, CompileError, EngineError, InvalidRequest,
-                    ModelLoadError, RegistryError, UnknownModel, UnknownSampler, UnsupportedResolution)
+                    ModelLoadError, OutputWriteError, RateLimited, RegistryError, UnknownModel, UnknownSampler, UnsupportedResolution)
 
 from .images import FieldError
 from .schemas import ErrorResponse
@@ -26,16 +27,20 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Auth is on and no valid HTTP Basic credentials were sent."},
     404: {"model": ErrorResponse, "description": "Unknown model or sampler."},
     406: {"model": ErrorResponse, "description": "The Accept header asks for a type this route cannot give."},
+    429: {"model": ErrorResponse, "description": "More generation requests than the server's --rate-limit allows; see Retry-After."},
     503: {"model": ErrorResponse, "description": "The model cannot run right now (not compiled, cores busy, load failed)."},
 }
 
-_SERVER_STATE = (ArtifactMissing, ArtifactMismatch, BackendUnavailable, ModelLoadError, CompileError, RegistryError)
+_SERVER_STATE = (ArtifactMissing, ArtifactMismatch, BackendUnavailable, ModelLoadError, CompileError, RegistryError,
+                 OutputWriteError)
 
 
 def status_of(exc: EngineError) -> int:
     """The HTTP status of an engine error."""
     if isinstance(exc, (UnknownSampler, UnknownModel)):
         return 404
+    if isinstance(exc, RateLimited):
+        return 429
     if isinstance(exc, UnsupportedResolution):
         return 400
     if isinstance(exc, InvalidRequest):
@@ -55,6 +60,8 @@ async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
     code = status_of(exc)
     log.info("%s %s refused (%d): %s", request.method, request.url.path, code, exc)
     headers = {"Retry-After": "5"} if code == 503 else None
+    if isinstance(exc, RateLimited):
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
     if code == 422:  # FastAPI's validation shape, so every 422 reads the same
         return JSONResponse({"detail": [{"type": "value_error", "loc": ["body"], "msg": str(exc)}]}, status_code=422)
     return JSONResponse({"detail": detail_of(exc)}, status_code=code, headers=headers)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import urllib.request
 from typing import Optional
 
@@ -25,6 +26,12 @@ class FieldError(ValueError):
     def __init__(self, field: str, message: str, status: int = 422):
         super().__init__(f"{field}: {message}")
         self.field, self.message, self.status = field, message, status
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def png_base64(png: bytes) -> str:

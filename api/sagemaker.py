@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from .auth import owner_for, require_user
+from .auth import owner_for, rate_limit, require_user
 from .errors import ERROR_RESPONSES
 from .images import FieldError, is_url
 from .schemas import ImageResponse, Img2ImgRequest, InvocationRequest, Txt2ImgRequest
@@ -46,7 +46,8 @@ def create_router(ctx: ApiContext) -> APIRouter:
     @router.post("/invocations", summary="SageMaker inference: txt2img, or img2img with input_image",
                  response_model=ImageResponse,
                  responses={200: {"content": {"image/png": {}}, "description": "PNG bytes (Accept: image/png) or JSON"},
-                            406: {"description": "the Accept header asks for a type this route cannot give"}})
+                            406: {"description": "the Accept header asks for a type this route cannot give"}},
+                 dependencies=[Depends(rate_limit(ctx.limiter, user))])
     async def invocations(body: InvocationRequest, accept: Optional[str] = Header(None),
                           username: Optional[str] = Depends(user)) -> Response:
         request = to_a1111(body, ctx.allow_image_urls)

@@ -213,7 +213,9 @@ class ProgressResponse(BaseModel):
     progress: float = Field(description="0..1 of the reported job.")
     eta_relative: float = Field(description="Seconds left for the reported job (estimate).")
     state: ProgressState
-    current_image: Optional[str] = Field(None, description="Live preview: not available yet (null).")
+    current_image: Optional[str] = Field(None, description="Live preview of the job's current image (base64 PNG, the "
+                                         "cheap latent approximation, every --preview-every steps); null before the first "
+                                         "preview, when previews are off or with skip_current_image=true.")
     textinfo: Optional[str] = None
 
 

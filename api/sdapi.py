@@ -17,9 +17,9 @@ from fastapi import APIRouter, Depends, Query
 from engine.infotext import PARAMETERS_KEY, parse_infotext
 from engine.samplers import sampler_aliases, sampler_names
 
-from .auth import owner_for, require_user
+from .auth import owner_for, rate_limit, require_user
 from .errors import ERROR_RESPONSES
-from .images import decode_base64, open_image
+from .images import decode_base64, open_image, png_base64, png_bytes
 from .schemas import (ImageResponse, Img2ImgRequest, MemoryResponse, OptionsUpdate, PngInfoRequest, PngInfoResponse,
                       ProgressResponse, ProgressState, SamplerItem, SchedulerItem, SDModelItem, Txt2ImgRequest,
                       UpscalerItem)
@@ -37,18 +37,18 @@ def create_router(ctx: ApiContext) -> APIRouter:
     """The ``/sdapi/v1`` routes, all behind the server's credentials when auth is on."""
     user = require_user(ctx.credentials)
     router = APIRouter(prefix=PREFIX, tags=["sdapi"], dependencies=[Depends(user)], responses=ERROR_RESPONSES)
-    _generation_routes(router, ctx, user)
+    _generation_routes(router, ctx, user, rate_limit(ctx.limiter, user))
     _listing_routes(router, ctx)
     _state_routes(router, ctx, user)
     return router
 
 
-def _generation_routes(router: APIRouter, ctx: ApiContext, user: Any) -> None:
-    @router.post("/txt2img", response_model=ImageResponse, summary="Text to image")
+def _generation_routes(router: APIRouter, ctx: ApiContext, user: Any, limit: Any) -> None:
+    @router.post("/txt2img", response_model=ImageResponse, summary="Text to image", dependencies=[Depends(limit)])
     async def txt2img(request: Txt2ImgRequest, username: Optional[str] = Depends(user)) -> ImageResponse:
         return (await generate(ctx, request, "txt2img", owner_for(username))).response()
 
-    @router.post("/img2img", response_model=ImageResponse, summary="Image to image")
+    @router.post("/img2img", response_model=ImageResponse, summary="Image to image", dependencies=[Depends(limit)])
     async def img2img(request: Img2ImgRequest, username: Optional[str] = Depends(user)) -> ImageResponse:
         return (await generate(ctx, request, "img2img", owner_for(username))).response()
 
@@ -101,7 +101,8 @@ def _listing_routes(router: APIRouter, ctx: ApiContext) -> None:
         ram = psutil.virtual_memory()
         status = ctx.engine.status()
         cuda = status.get("cuda") or {"error": f"no CUDA device on the {status['backend']} backend"}
-        return MemoryResponse(ram={"free": ram.available, "used": ram.total - ram.available, "total": ram.total},
+        return MemoryResponse(ram={"free": ram.available, "used": ram.total - ram.available, "total": ram.total,
+                                   "process_rss": psutil.Process().memory_info().rss},
                               cuda=cuda, engine=status)
 
 
@@ -134,7 +135,7 @@ def _state_routes(router: APIRouter, ctx: ApiContext, user: Any) -> None:
 
     @router.get("/progress", response_model=ProgressResponse, summary="Progress of the current job and the queue")
     def progress(skip_current_image: bool = Query(False), username: Optional[str] = Depends(user)) -> ProgressResponse:
-        return _progress(ctx, owner_for(username) if ctx.credentials.enabled else None)
+        return _progress(ctx, owner_for(username) if ctx.credentials.enabled else None, not skip_current_image)
 
     @router.post("/interrupt", summary="Stop the caller's jobs at the next step")
     def interrupt(username: Optional[str] = Depends(user)) -> dict[str, Any]:
@@ -145,8 +146,9 @@ def _state_routes(router: APIRouter, ctx: ApiContext, user: Any) -> None:
         return {"skipped": ctx.engine.skip(owner_for(username))}
 
 
-def _progress(ctx: ApiContext, owner: Optional[str]) -> ProgressResponse:
-    """The caller's first job when users are known (else the first running job) and the queue length."""
+def _progress(ctx: ApiContext, owner: Optional[str], with_image: bool = True) -> ProgressResponse:
+    """The caller's first job when users are known (else the first running job) and the queue length;
+    ``current_image``: its latest live preview (base64 PNG) unless the caller skips it."""
     queue = ctx.engine.queue()
     jobs = [job for job in (*queue.running, *queue.waiting) if owner is None or job.owner == owner]
     job = jobs[0] if jobs else None
@@ -156,13 +158,15 @@ def _progress(ctx: ApiContext, owner: Optional[str]) -> ProgressResponse:
     state.job, state.job_no, state.queue_position = job.id, job.number, job.position
     state.interrupted = job.interrupted
     state.job_timestamp = time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.submitted))
-    fraction, eta = 0.0, 0.0
+    fraction, eta, image = 0.0, 0.0, None
     if job.progress is not None:
         p = job.progress
         state.sampling_step, state.sampling_steps, state.batch_requests = p.step, p.total_steps, p.batch
         fraction = p.fraction
         elapsed = time.time() - (job.started or time.time())
         eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
-    return ProgressResponse(progress=round(fraction, 4), eta_relative=round(eta, 3), state=state,
+        if with_image and p.preview is not None:
+            image = png_base64(png_bytes(p.preview))
+    return ProgressResponse(progress=round(fraction, 4), eta_relative=round(eta, 3), state=state, current_image=image,
                             textinfo=f"{job.state}: {job.id}" + (f" (batch of {state.batch_requests})"
                                                                  if state.batch_requests > 1 else ""))

@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
-from engine import (Cancelled, Engine, GeneratedImage, GenerateRequest, GenerateResult, ModelInfo, OutputStore, Size,
-                    UnknownModel)
+from engine import (Cancelled, Engine, GeneratedImage, GenerateRequest, GenerateResult, ModelInfo, OutputStore,
+                    RateLimiter, Size, UnknownModel)
 from engine.samplers import canonical_sampler
 from engine.types import RESIZE_MODES
 
@@ -37,6 +37,7 @@ class ApiContext:
     flags: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)  # A1111 options set by clients (echoed by GET)
     startup_error: Optional[str] = None  # why the default model could not be warmed (for /ping)
+    limiter: Optional[RateLimiter] = None  # --rate-limit: generation requests a minute per client
 
 
 # Fields that would change the image and that this server cannot do: (field, is it asked for?, why).
@@ -217,24 +218,24 @@ async def generate(ctx: ApiContext, request: GenerationFields, mode: str, owner:
     parts = plan_requests(ctx, request, mode)
     jobs = [ctx.engine.submit(part, owner=owner) for part in parts]
     generation = Generation(request, mode, [], [], parts, collect_warnings(request), ctx.engine.backend.name)
+    save = request.save_images and not request.do_not_save_samples
     try:
         for job in jobs:
             try:
                 result = await asyncio.wrap_future(job.future)
+                generation.results.append(result)
+                images = result.images
             except Cancelled as exc:
                 generation.interrupted = True
-                generation.images.extend(exc.images)
-                continue
-            generation.results.append(result)
-            generation.images.extend(result.images)
+                images = exc.images
+            generation.images.extend(images)
+            for image in images if save else ():  # saved as each part finishes: a crash loses no finished image
+                ctx.outputs.save(mode, image)
     except BaseException:  # a failed part (or a dropped connection) stops the request's other parts
         for job in jobs:
             job.interrupt()
         raise
     generation.warnings.extend(dict.fromkeys(n for r in generation.results for n in r.notices))
-    if request.save_images and not request.do_not_save_samples:
-        for image in generation.images:
-            ctx.outputs.save(mode, image)
     if generation.interrupted:
         generation.warnings.append(f"interrupted: {len(generation.images)} of "
                                    f"{request.batch_size * request.n_iter} images were finished")

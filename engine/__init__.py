@@ -1,9 +1,10 @@
 """Stable Diffusion serving engine: registry, compile, warm pool and one ``generate`` facade."""
 from .engine import Engine, EngineSettings, ModelInfo, ReplicaTarget
-from .errors import (ArtifactMismatch, ArtifactMissing, BackendUnavailable, Cancelled, CompileError, EngineError,
-                     InvalidRequest, ModelLoadError, RegistryError, UnknownModel, UnknownSampler,
-                     ReplicaUnavailable, UnsupportedResolution)
+from .errors import (ArtifactCorrupt, ArtifactMismatch, ArtifactMissing, BackendUnavailable, Cancelled, CompileError,
+                     EngineError, InvalidRequest, ModelLoadError, OutputWriteError, RegistryError, UnknownModel,
+                     UnknownSampler, ReplicaUnavailable, UnsupportedResolution)
 from .outputs import OutputStore
+from .ratelimit import RateLimited, RateLimiter, client_key
 from .registry import Registry, load_registry
 from .scheduler import Job, QueueSnapshot
 from .types import GeneratedImage, GenerateRequest, GenerateResult, Progress, Size, VariantKey
@@ -12,5 +13,6 @@ __all__ = [
     "Engine", "EngineSettings", "ModelInfo", "ReplicaTarget", "Registry", "load_registry", "Job", "QueueSnapshot", "OutputStore",
     "GenerateRequest", "GenerateResult", "GeneratedImage", "Progress", "Size", "VariantKey",
     "EngineError", "RegistryError", "UnknownModel", "UnsupportedResolution", "InvalidRequest", "UnknownSampler",
-    "ArtifactMissing", "ArtifactMismatch", "BackendUnavailable", "ReplicaUnavailable", "ModelLoadError", "CompileError", "Cancelled",
+    "ArtifactMissing", "ArtifactMismatch", "ArtifactCorrupt", "BackendUnavailable", "ReplicaUnavailable", "ModelLoadError",
+    "CompileError", "OutputWriteError", "Cancelled", "RateLimited", "RateLimiter", "client_key",
 ]

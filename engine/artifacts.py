@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from .errors import ArtifactMismatch, ArtifactMissing
+from .errors import ArtifactCorrupt, ArtifactMismatch, ArtifactMissing
 from .registry import ModelSpec
 from .types import Size
 
@@ -26,6 +26,9 @@ MANIFEST_FORMAT = 1
 # Bump when wrappers, example inputs or batch layout change: older artifacts become stale.
 RECIPE_VERSION = 2  # 2: cpu bf16 UNet/VAE traced channels_last
 _TEMP_PREFIX = ".partial-"
+# Which component files' content was checked against the manifest's sha256, by file identity
+# (size, mtime, inode): written beside the manifest when the directory is writable.
+VERIFIED = ".verified.json"
 
 
 def variant_dir(artifacts_dir: Path, model_id: str, size: Size, backend: str) -> Path:
@@ -74,7 +77,7 @@ def read_manifest(directory: Path) -> Optional[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class VariantStatus:
-    state: str  # "compiled" | "missing" | "stale"
+    state: str  # "compiled" | "missing" | "stale" | "broken"
     reason: str = ""
 
 
@@ -88,6 +91,8 @@ def variant_status(directory: Path, expected_fingerprint: str) -> VariantStatus:
         path = directory / entry["file"]
         if not path.is_file() or path.stat().st_size != entry["bytes"]:
             return VariantStatus("stale", f"{name} file is missing or changed")
+        if _checked.get(_identity(path)) is False:
+            return VariantStatus("broken", f"{name} content does not match its sha256")
     return VariantStatus("compiled")
 
 
@@ -114,12 +119,76 @@ def verified_manifest(
     return manifest
 
 
-def verify_checksums(directory: Path, manifest: dict[str, Any]) -> list[str]:
-    """Names of components whose file content no longer matches the manifest's sha256."""
-    return [
-        name for name, entry in manifest["components"].items()
-        if sha256_file(directory / entry["file"]) != entry["sha256"]
-    ]
+def verify_checksums(directory: Path, manifest: dict[str, Any], *, force: bool = False) -> list[str]:
+    """Names of components whose file content no longer matches the manifest's sha256.
+
+    Each file is hashed once per identity (size, mtime, inode): a result is remembered in this process
+    and, when it matched, in ``.verified.json`` beside the manifest, so a restart does not hash gigabytes
+    again. Rewriting a file in place changes its mtime and makes it hashed again; ``force`` ignores
+    what was remembered (``compile_all.py --verify``)."""
+    remembered = {} if force else _read_verified(directory)
+    broken = []
+    for name, entry in manifest["components"].items():
+        path = directory / entry["file"]
+        identity = _identity(path)
+        known = None if force else _known(identity, remembered.get(entry["file"]))
+        if known is None:
+            known = sha256_file(path) == entry["sha256"]
+        _checked[identity] = known
+        if not known:
+            broken.append(name)
+    _write_verified(directory, manifest)
+    return broken
+
+
+def check_content(directory: Path, manifest: dict[str, Any], label: str, command: str) -> None:
+    """Raise ArtifactCorrupt when a component's content no longer matches the manifest (see
+    ``verify_checksums``); ``label`` names the variant for the user (``model@WxH``)."""
+    broken = verify_checksums(directory, manifest)
+    if broken:
+        raise ArtifactCorrupt(
+            f"model {label} is broken: {', '.join(broken)} in {directory} no longer match the sha256 "
+            f"recorded at compile (the file was changed or damaged after compiling); "
+            f"recompile it with `{command} --force`")
+
+
+# (path, size, mtime_ns, inode) -> whether the content matched the manifest's sha256
+_checked: dict[tuple, bool] = {}
+
+
+def _known(identity: tuple, remembered: Optional[list]) -> Optional[bool]:
+    if identity in _checked:
+        return _checked[identity]
+    return True if remembered == list(identity[1:]) else None
+
+
+def _identity(path: Path) -> tuple:
+    stat = path.stat()
+    return (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+def _read_verified(directory: Path) -> dict[str, list]:
+    try:
+        data = json.loads((directory / VERIFIED).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_verified(directory: Path, manifest: dict[str, Any]) -> None:
+    good = {}
+    for entry in manifest["components"].values():
+        identity = _identity(directory / entry["file"])
+        if _checked.get(identity):
+            good[entry["file"]] = list(identity[1:])
+    if good == _read_verified(directory):
+        return
+    tmp = directory / f"{VERIFIED}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(good, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, directory / VERIFIED)
+    except OSError:  # a read-only artifact directory (an image, /opt/ml/model): remember in memory only
+        tmp.unlink(missing_ok=True)
 
 
 class PartialVariant:
@@ -156,6 +225,9 @@ class PartialVariant:
         os.replace(self.path, self.final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        for entry in self.components.values():  # just hashed by record(): no need to hash again at load
+            _checked[_identity(self.final / entry["file"])] = True
+        _write_verified(self.final, manifest)
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -23,6 +23,7 @@ import torch
 from .errors import Cancelled
 from .infotext import png_with_parameters
 from .pipelines import WarmPipeline
+from .preview import latent_preview
 from .prompts import truncation_notices
 from .samplers import seed_scheduler
 from .scheduler import Job
@@ -72,9 +73,11 @@ class BatchRun:
     """
 
     def __init__(self, jobs: list[Job], warm: WarmPipeline, rows_per_call: int,
-                 describe: Callable[[Any, int], str], kwargs: Callable[[list[Row]], dict[str, Any]]):
+                 describe: Callable[[Any, int], str], kwargs: Callable[[list[Row]], dict[str, Any]],
+                 preview_every: int = 0):
         self.jobs, self.warm, self.rows_per_call = jobs, warm, max(1, rows_per_call)
-        self.describe, self.kwargs = describe, kwargs
+        self.describe, self.kwargs, self.preview_every = describe, kwargs, preview_every
+        self.previews: dict[Job, Any] = {}  # job -> its latest live preview (PIL image)
         self.rows = [Row(job, i, job.payload.resolved.seed + i) for job in jobs
                      for i in range(job.payload.request.num_images)]
         self.images: dict[Job, list[GeneratedImage]] = {job: [] for job in jobs}
@@ -141,12 +144,15 @@ class _BatchCallback:
     def __call__(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
         self.run.clock.step()
         elapsed = time.perf_counter() - self.started
+        every = self.run.preview_every
+        if every and (step + 1) % every == 0 and step + 1 < pipe.num_timesteps and "latents" in callback_kwargs:
+            self._preview(callback_kwargs["latents"])
         for job in self.jobs:
             if job in self.run.left or job in self.skipped:
                 continue
             progress = Progress(step + 1, pipe.num_timesteps, self.first_index[job], job.payload.request.num_images,
-                                elapsed, (step + 1) / elapsed if elapsed > 0 else 0.0, batch=len(self.jobs),
-                                images_in_call=self.count[job])
+                                elapsed, (step + 1) / elapsed if elapsed > 0 else 0.0, self.run.previews.get(job),
+                                batch=len(self.jobs), images_in_call=self.count[job])
             job.report(progress)
             if job.payload.on_progress is not None:
                 job.payload.on_progress(progress)
@@ -157,6 +163,13 @@ class _BatchCallback:
         if all(job in self.run.left or job in self.skipped for job in self.jobs):
             raise _AllLeft()
         return callback_kwargs
+
+    def _preview(self, latents: Any) -> None:
+        """Each job's first image in this call, as the cheap latent -> RGB approximation."""
+        size = self.run.work.resolved.size
+        for job in self.jobs:
+            row = next(i for i, r in enumerate(self.rows) if r.job is job)
+            self.run.previews[job] = latent_preview(latents[row], self.run.warm.spec.family, (size.width, size.height))
 
 
 def generators(rows: list[Row]) -> Any:

@@ -30,6 +30,7 @@ def quiet_libraries() -> None:
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate images into PNG files")
     p.add_argument("--registry", type=Path, default=DEFAULT_REGISTRY)
+    p.add_argument("--allow-unsafe-pickle", action="store_true", help="let .ckpt (pickle) sources be read")
     p.add_argument("--backend", choices=BACKEND_NAMES, default="auto")
     p.add_argument("--model", help="model id (default: the registry's default model)")
     p.add_argument("--prompt", required=True)
@@ -52,7 +53,7 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    registry, backend = load_registry(args.registry), make_backend(args.backend)
+    registry, backend = load_registry(args.registry, args.allow_unsafe_pickle), make_backend(args.backend)
     if args.autocompile:  # as the app does: a fresh checkout generates without a compile_all.py step first
         model = registry.get(args.model or registry.default_model)
         if args.size is None or args.size in model.resolutions:

@@ -32,6 +32,7 @@ MAX_STEPS = 150
 MAX_IMAGES = 16
 MAX_SEED = 2**32 - 1
 EAGER_MAX_SIDE = 2048
+DEFAULT_PREVIEW_EVERY = 5  # steps between live previews (A1111's "show progress every N steps")
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -49,6 +50,8 @@ class EngineSettings:
     eager_max_batch: int = 4  # images per call on the any-shape eager backend
     replicas: tuple["ReplicaTarget", ...] = ()  # warm copies per model (default 1 each)
     replicas_auto: bool = False  # fill the free NeuronCore pairs with replicas of the default model
+    # live preview every N denoising steps (0: off; None: every 5 steps, off on Neuron)
+    preview_every: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,8 @@ class Engine:
         self.registry = registry
         self.backend = backend
         self.settings = settings
+        self.preview_every = (settings.preview_every if settings.preview_every is not None
+                              else default_preview_every(backend.name))
         # On NeuronCores a warm model also needs device memory on a core pair: the plan says where
         # each one sits, and the pool evicts by it as well as by count.
         self.core_plan: Optional[CorePlan] = (
@@ -157,7 +162,7 @@ class Engine:
     def reload_registry(self) -> Registry:
         """Re-read the registry file (A1111's refresh-checkpoints). Idle warm pipelines of models no
         longer listed are dropped; a broken file raises ``RegistryError`` and changes nothing."""
-        registry = load_registry(self.registry.path)
+        registry = load_registry(self.registry.path, self.registry.allow_unsafe_pickle)
         self.registry = registry
         listed = {spec.id for spec in registry.models}
         if self._default_model not in listed:
@@ -360,7 +365,8 @@ class Engine:
         was_warm = self.pool.is_warm(key)
         with self.pool.lease(key) as warm:
             leased = time.perf_counter()
-            run = BatchRun(jobs, warm, self._rows_per_call(resolved.spec), self._describe, self._call_kwargs)
+            run = BatchRun(jobs, warm, self._rows_per_call(resolved.spec), self._describe, self._call_kwargs,
+                           self.preview_every)
             if len(jobs) > 1:
                 log.info("running %d requests in one batch (%d images) on %s", len(jobs), len(run.rows), key)
             with warm.lock:
@@ -460,6 +466,13 @@ class Engine:
                 f"list {size} under resolutions of {spec.id} in {self.registry.path} and run "
                 f"`{artifacts.compile_command(spec.id, size, self.backend.name, self.registry.path)}`")
         return size
+
+def default_preview_every(backend: str) -> int:
+    """Live previews every 5 steps, but off on Neuron: a step there takes tens of milliseconds and the
+    host work between steps bounds throughput, so nothing is added to it unless asked for
+    (``--preview-every N``)."""
+    return 0 if backend == "neuron" else DEFAULT_PREVIEW_EVERY
+
 
 def _release_device_memory(warm: WarmPipeline) -> None:
     """Evicted from NeuronCores: drop the compiled modules now so the runtime unloads their NEFFs

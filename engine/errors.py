@@ -34,12 +34,20 @@ class ArtifactMismatch(EngineError):
     """Compiled artifacts exist but do not match this model, backend or software stack."""
 
 
+class ArtifactCorrupt(ArtifactMismatch):
+    """A compiled file's content no longer matches the sha256 its manifest recorded at compile."""
+
+
 class BackendUnavailable(EngineError):
     """The requested backend cannot run on this machine (e.g. the Neuron SDK is not installed)."""
 
 
 class ModelLoadError(EngineError):
     """The model's weights or configs could not be loaded from its source."""
+
+
+class OutputWriteError(EngineError):
+    """A generated image could not be saved (disk full, no permission); nothing partial was left."""
 
 
 class CompileError(EngineError):

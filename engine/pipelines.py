@@ -87,6 +87,7 @@ def _load_compiled(registry: Registry, spec: ModelSpec, size: Size, backend: Bac
         # than the generic fingerprint mismatch below.
         backend.check_target(written, command)
     manifest = artifacts.verified_manifest(directory, expected_fingerprint(spec, size, backend), command)
+    artifacts.check_content(directory, manifest, f"{spec.id}@{size}", command)
     parts = load_parts(spec)
     entries = manifest["components"]
 

@@ -5,7 +5,7 @@ id, the field, what was expected and what was found. No loose dicts travel past 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,6 +44,12 @@ class ModelSource:
     ref: str
     revision: Optional[str] = None
     config: Optional[str] = None
+    # A pickle checkpoint (.ckpt) may be opened only when the admin said so (--allow-unsafe-pickle).
+    unpickle_allowed: bool = False
+
+    @property
+    def is_pickle(self) -> bool:
+        return self.kind == "single_file" and self.ref.lower().endswith(".ckpt")
 
     def describe(self) -> str:
         text = f"{self.kind}:{self.ref}"
@@ -106,6 +112,7 @@ class Registry:
     artifacts_dir: Path
     default_model: str
     models: tuple[ModelSpec, ...]
+    allow_unsafe_pickle: bool = False  # how it was loaded (a reload keeps it)
 
     def get(self, model_id: str) -> ModelSpec:
         from .errors import UnknownModel
@@ -134,8 +141,11 @@ class _Checker:
         return RegistryError(f"{where}, field {field!r}: expected {expected}, found {found!r}")
 
 
-def load_registry(path: "str | Path") -> Registry:
-    """Read and validate a registry file. Relative paths inside it are relative to the file."""
+def load_registry(path: "str | Path", allow_unsafe_pickle: bool = False) -> Registry:
+    """Read and validate a registry file. Relative paths inside it are relative to the file.
+
+    ``allow_unsafe_pickle``: let ``.ckpt`` sources be opened (torch's ``weights_only`` unpickler);
+    otherwise loading one fails with a message that says how to convert it to safetensors."""
     path = Path(path).resolve()
     check = _Checker(path)
     try:
@@ -150,6 +160,8 @@ def load_registry(path: "str | Path") -> Registry:
     if not isinstance(raw_models, list) or not raw_models:
         raise check.fail(None, "models", "a non-empty list of models", raw_models)
     models = tuple(_parse_model(check, raw, index) for index, raw in enumerate(raw_models))
+    if allow_unsafe_pickle:
+        models = tuple(replace(m, source=replace(m.source, unpickle_allowed=True)) for m in models)
     _check_unique(check, models)
     default_model = data.get("default_model", models[0].id)
     if default_model not in {m.id for m in models}:
@@ -162,6 +174,7 @@ def load_registry(path: "str | Path") -> Registry:
         artifacts_dir=(path.parent / artifacts_dir).resolve(),
         default_model=default_model,
         models=models,
+        allow_unsafe_pickle=allow_unsafe_pickle,
     )
 
 

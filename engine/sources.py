@@ -114,6 +114,15 @@ class ComponentLoader:
         return module.eval()
 
     def _single_file_pipeline(self) -> Any:
+        source = self.spec.source
+        if source.is_pickle and not source.unpickle_allowed:
+            raise ModelLoadError(
+                f"model {self.spec.id!r}: {source.ref} is a pickle checkpoint (.ckpt), and unpickling a file "
+                "can run code hidden in it. Convert it to .safetensors once (e.g. with diffusers' "
+                "scripts/convert_original_stable_diffusion_to_diffusers.py --to_safetensors, or "
+                "safetensors.torch.save_file on its state_dict) and point the registry at that file; or, "
+                "if you trust the file, pass --allow-unsafe-pickle (it is then read with torch's "
+                "weights_only unpickler)")
         if self._single_file_pipe is None:
             pipeline_class = pipeline_class_for(self.spec.family, "txt2img")
             self._single_file_pipe = pipeline_class.from_single_file(

@@ -16,7 +16,10 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+if TYPE_CHECKING:
+    from engine import Registry
 
 APP_NAME = "sd"
 # Where the code sits on every node (the docker image's WORKDIR): Serve configs may name only a
@@ -40,6 +43,12 @@ class ServeOptions:
     models: tuple[str, ...] = ()  # the models deployed (compiled ones; the others are listed, not served)
     replicas: dict[str, int] = field(default_factory=dict)  # fixed counts from --replicas
     app_flags: tuple[str, ...] = ()  # the app's flags, for the ingress's UI/API settings
+    allow_unsafe_pickle: bool = False  # --allow-unsafe-pickle: .ckpt sources may be opened
+
+    def load_registry(self) -> "Registry":
+        from engine import load_registry
+
+        return load_registry(Path(self.registry), self.allow_unsafe_pickle)
 
     def to_args(self) -> dict[str, Any]:
         return {**asdict(self), "app_flags": list(self.app_flags), "models": list(self.models)}
@@ -53,10 +62,11 @@ def deployment_name(model: str) -> str:
     return f"model-{model}"
 
 
-def ray_actor_options(backend: str, threads: int) -> dict[str, Any]:
-    """The resources one replica of a model reserves on its node."""
+def ray_actor_options(backend: str, threads: int, tp_degree: int = 1) -> dict[str, Any]:
+    """The resources one replica of a model reserves on its node (on Neuron: its core pair, or the
+    ``tp_degree`` cores a tensor-parallel model such as PixArt-Sigma is sharded over)."""
     if backend == "neuron":
-        return {"num_cpus": 1, "resources": {"neuron_cores": NEURON_CORES_PER_REPLICA}}
+        return {"num_cpus": 1, "resources": {"neuron_cores": max(NEURON_CORES_PER_REPLICA, tp_degree)}}
     if backend == "eager":
         return {"num_cpus": threads, "num_gpus": 1}
     return {"num_cpus": threads}
@@ -68,7 +78,7 @@ def model_deployment_options(spec: Any, options: ServeOptions, default: bool) ->
     is ready at once even when its scaling allows zero."""
     deployment: dict[str, Any] = {
         "name": deployment_name(spec.id),
-        "ray_actor_options": ray_actor_options(options.backend, options.threads),
+        "ray_actor_options": ray_actor_options(options.backend, options.threads, getattr(spec, "tp_degree", 1)),
         "max_ongoing_requests": max(MIN_ONGOING_PER_REPLICA, 2 * spec.max_batch),
         # a Neuron replica loads NEFFs for minutes before it is ready; a CPU one in seconds
         "health_check_timeout_s": 600 if options.backend == "neuron" else 120,
@@ -96,9 +106,7 @@ def model_deployment_options(spec: Any, options: ServeOptions, default: bool) ->
 
 def serve_config(options: ServeOptions, host: str, port: int) -> dict[str, Any]:
     """A Serve config file (``serve deploy``) for the registry: one application, every deployment."""
-    from engine import load_registry
-
-    registry = load_registry(Path(options.registry))
+    registry = options.load_registry()
     deployments = []
     for spec in registry.models:
         if spec.id in options.models:

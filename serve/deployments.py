@@ -50,11 +50,11 @@ class ModelServer:
         started = time.perf_counter()
         import torch
 
-        from engine import Engine, EngineSettings, load_registry
+        from engine import Engine, EngineSettings
         from engine.backends import make_backend
 
         torch.set_num_threads(options.threads)
-        registry = load_registry(Path(options.registry))
+        registry = options.load_registry()
         spec = registry.get(model)
         self.engine = Engine(registry, make_backend(options.backend, options.neuron_target),
                              EngineSettings(max_warm=len(spec.resolutions), workers=1, batch_wait_s=options.batch_wait_s))
@@ -111,13 +111,12 @@ class Ingress:
     def __init__(self, options: ServeOptions, handles: dict[str, DeploymentHandle]):
         import os
 
-        from engine import load_registry
         from ui.settings import parse_settings
 
         from .cluster_engine import ClusterEngine
 
         self.settings = parse_settings(list(options.app_flags), os.environ)
-        registry = load_registry(Path(options.registry))
+        registry = options.load_registry()
         self.engine = ClusterEngine(registry, options.backend, handles)
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -128,11 +127,9 @@ class Ingress:
 
 def build_application(options: ServeOptions) -> Any:
     """The Serve application: a ``ModelServer`` deployment per registry model, and the ingress."""
-    from engine import load_registry
-
     from .config import model_deployment_options
 
-    registry = load_registry(Path(options.registry))
+    registry = options.load_registry()
     model_server = serve.deployment(ModelServer)
     handles = {
         spec.id: model_server.options(**model_deployment_options(spec, options, spec.id == registry.default_model))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from engine import OutputStore
+from engine import OutputStore, OutputWriteError
 from engine.infotext import png_with_parameters
 from engine.types import GeneratedImage
 
@@ -40,7 +40,7 @@ def test_a_failed_write_leaves_no_file_behind(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Path, "write_bytes", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OutputWriteError, match="could not be saved in .*No space left on device.*free some disk space"):
         store.save("txt2img", generated(1), today=DAY)
     monkeypatch.undo()
     assert list((tmp_path / "txt2img-images" / "2026-11-25").iterdir()) == []

@@ -131,3 +131,41 @@ def test_refused_sampler_and_img2img_name_the_model(cpu_engine):
 def test_eager_backend_generates_pixart_sigma(eager_engine):
     result = eager_engine.generate(GenerateRequest(model=MODEL, prompt=PROMPT, steps=2, seed=5))
     assert result.images[0].image.size == (64, 64)
+
+
+@pytest.fixture(scope="module")
+def api(cpu_engine, tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    from api import create_api
+
+    app, _ctx = create_api(cpu_engine, tmp_path_factory.mktemp("pixart-api"), flags={"backend": "cpu"})
+    with TestClient(app) as client:
+        yield client
+
+
+def test_api_lists_generates_and_refuses_img2img_for_pixart(api):
+    import base64
+    import io
+
+    listed = next(m for m in api.get("/sdapi/v1/sd-models").json() if m["model_name"] == MODEL)
+    assert listed["family"] == "pixart-sigma" and listed["compiled"] == ["64x64"]
+    pick = {"override_settings": {"sd_model_checkpoint": MODEL}}
+    made = api.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 2, "seed": 7, **pick})
+    assert made.status_code == 200 and json.loads(made.json()["info"])["infotexts"][0].endswith(
+        "Model: tiny-pixart-sigma, Backend: cpu")
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 20, 20)).save(buffer, format="PNG")
+    refused = api.post("/sdapi/v1/img2img", json={"prompt": PROMPT, "steps": 2, **pick,
+                                                  "init_images": [base64.b64encode(buffer.getvalue()).decode()]})
+    assert refused.status_code == 422 and "img2img is not available for tiny-pixart-sigma" in refused.text
+
+
+def test_ui_models_tab_lists_pixart_with_its_compiled_size(cpu_engine):
+    from types import SimpleNamespace
+
+    from ui.models import model_rows
+
+    rows = model_rows(SimpleNamespace(engine=cpu_engine), cpu_engine.models())
+    [row] = [r for r in rows if r[0] == MODEL]
+    assert row[2] == "pixart-sigma" and row[3] == "64x64" and "compiled" in row[5]

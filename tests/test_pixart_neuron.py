@@ -151,3 +151,17 @@ def test_core_plan_reserves_tp_degree_cores_per_replica():
     assert plan.place("sd").device_ids in ((1, 0), (0, 1), (2, 3), (3, 2))  # memory left on the shared cores
     with pytest.raises(ModelTooLarge, match="sharded over 4 NeuronCores"):
         CorePlan(CoreInventory((0, 1), 16 * GIB), lambda key: sharded).place("px")
+
+
+def test_a_ray_replica_of_a_sharded_model_reserves_tp_degree_neuron_cores(tiny_registry_path):
+    from serve.config import ServeOptions, model_deployment_options
+
+    registry = load_registry(tiny_registry_path)
+    options = ServeOptions(registry=str(tiny_registry_path), backend="neuron")
+    pixart = model_deployment_options(registry.get(MODEL), options, default=False)  # tp_degree 2 in the tiny registry
+    sd = model_deployment_options(registry.get("tiny-sd15"), options, default=False)
+    assert pixart["ray_actor_options"]["resources"] == {"neuron_cores": 2}
+    eight = type(registry.get(MODEL))(**{**registry.get(MODEL).__dict__, "tp_degree": 8})
+    assert model_deployment_options(eight, options, default=False)["ray_actor_options"]["resources"] == {
+        "neuron_cores": 8}
+    assert sd["ray_actor_options"]["resources"] == {"neuron_cores": 2}

@@ -6,12 +6,12 @@ stay fast.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import gradio as gr
 
-    from engine import Engine
+    from engine import Engine, OutputStore, RateLimiter
 
     from .settings import AppSettings
 
@@ -62,8 +62,10 @@ def launch_styles() -> dict[str, Any]:
     return {"theme": theme, "css": CSS, "head": HEAD}
 
 
-def build_app(engine: "Engine", settings: "AppSettings") -> "gr.Blocks":
-    """The whole web app for ``engine``; call ``.queue()`` is done here, ``launch`` is the caller's."""
+def build_app(engine: "Engine", settings: "AppSettings", outputs: Optional["OutputStore"] = None,
+              limiter: Optional["RateLimiter"] = None) -> "gr.Blocks":
+    """The whole web app for ``engine``; call ``.queue()`` is done here, ``launch`` is the caller's.
+    ``outputs`` and ``limiter`` are shared with the HTTP API when the caller has them."""
     import gradio as gr
 
     from . import img2img, models, pnginfo, txt2img
@@ -71,8 +73,8 @@ def build_app(engine: "Engine", settings: "AppSettings") -> "gr.Blocks":
 
     from .common import AppContext, Interrupts, model_defaults_updates, resolution_choices
 
-    ctx = AppContext(engine=engine, outputs=OutputStore(settings.outputs), interrupts=Interrupts(),
-                     concurrency=settings.concurrency)
+    ctx = AppContext(engine=engine, outputs=outputs or OutputStore(settings.outputs), interrupts=Interrupts(),
+                     concurrency=settings.concurrency, limiter=limiter)
     infos = engine.models()
     choices = [(m.title if m.title == m.id else f"{m.title} ({m.id})", m.id) for m in infos]
     backend = engine.backend

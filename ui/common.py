@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Optional
 import gradio as gr
 
 from engine import (Cancelled, Engine, EngineError, GenerateRequest, GenerateResult, InvalidRequest,
-                    Job, ModelInfo, OutputStore, Progress, Size)
+                    Job, ModelInfo, OutputStore, Progress, RateLimiter, Size, client_key)
 from engine.infotext import parse_infotext
 from engine.samplers import sampler_names
 
@@ -151,6 +151,12 @@ def session_of(request: Optional[gr.Request]) -> str:
     return (request.session_hash if request is not None else None) or "anonymous"
 
 
+def client_of(request: Optional[gr.Request]) -> str:
+    """Who a request counts against for ``--rate-limit``: the user, else the browser's address."""
+    client = getattr(request, "client", None)
+    return client_key(getattr(request, "username", None), getattr(client, "host", None))
+
+
 def owner_of(request: Optional[gr.Request]) -> str:
     """Who a job belongs to in the engine's queue: the logged-in user (the same name the HTTP API
     uses, so a user's API ``/interrupt`` reaches their browser jobs too), else the browser session."""
@@ -177,6 +183,7 @@ class AppContext:
     outputs: OutputStore
     interrupts: Interrupts
     concurrency: int
+    limiter: Optional[RateLimiter] = None  # --rate-limit, shared with the HTTP API
 
     @property
     def fixed_shape(self) -> bool:
@@ -292,6 +299,8 @@ def run_job(ctx: AppContext, make_request: Callable[[], GenerateRequest], batch_
     try:
         with translate_errors(what):
             request = make_request()
+            if ctx.limiter is not None:
+                ctx.limiter.acquire(client_of(user))
             count = reporter.count = check_batch(batch_count)
             seed = pick_seed(request.seed)
             chunk = ctx.engine.batch_limit(request.model)  # cheap: no artifact checks on the hot path

@@ -15,7 +15,8 @@ from .common import DEVICE_QUEUE, AppContext, parse_size, translate_errors
 
 TAB = "models"
 COLUMNS = ["Model", "Title", "Family", "Resolution", "Batch sizes", "Compiled", "Warm", "To compile"]
-_STATE_LABEL = {"compiled": "✅ compiled", "missing": "❌ missing", "stale": "⚠️ stale", "n/a": "— (eager)"}
+_STATE_LABEL = {"compiled": "✅ compiled", "missing": "❌ missing", "stale": "⚠️ stale", "broken": "🛑 broken",
+                "n/a": "— (eager)"}
 
 
 def model_rows(ctx: AppContext, models: list[ModelInfo]) -> list[list[str]]:
@@ -27,8 +28,8 @@ def model_rows(ctx: AppContext, models: list[ModelInfo]) -> list[list[str]]:
         for size in info.resolutions:
             state = info.compiled.get(size, "missing")
             command = ""
-            if state in ("missing", "stale"):
-                command = compile_command(info.id, size, backend, registry) + (" --force" if state == "stale" else "")
+            if state in ("missing", "stale", "broken"):
+                command = compile_command(info.id, size, backend, registry) + (" --force" if state != "missing" else "")
             warm = "🔥 warm" if size in info.warm else ""
             batches = ", ".join(str(b) for b in info.batch_sizes)
             rows.append([info.id, info.title, info.family, str(size), batches, _STATE_LABEL.get(state, state), warm,

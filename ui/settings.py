@@ -18,6 +18,11 @@ flag                       environment         default
 ``--preload M[,M]``        ``SD_PRELOAD``      none (``MODEL`` or ``MODEL@WxH``)
 ``--max-warm N``           ``SD_MAX_WARM``     2
 ``--outputs DIR``          ``SD_OUTPUTS``      ``outputs/``
+``--outputs-max-gb GB``    ``SD_OUTPUTS_MAX_GB``  none (keep every image); else delete the oldest PNGs
+                                               beyond GB
+``--rate-limit N``         ``SD_RATE_LIMIT``   none; else at most N generation requests a minute per client
+``--allow-unsafe-pickle``  ``SD_ALLOW_UNSAFE_PICKLE=1``  off: ``.ckpt`` sources are refused (convert them)
+``--preview-every N``      ``SD_PREVIEW_EVERY``  5 (0 on Neuron): live preview every N steps; 0: off
 ``--threads N``            ``SD_THREADS``      every core but one (at least 1)
 ``--concurrency N``        ``SD_CONCURRENCY``  1 (device workers: generations at once)
 ``--replicas M[@WxH]=N``   ``SD_REPLICAS``     1 per model (repeatable; env comma separated; ``auto``:
@@ -87,6 +92,10 @@ class AppSettings:
     preload: tuple[Preload, ...] = ()
     max_warm: int = 2
     outputs: Path = Path("outputs")
+    outputs_max_gb: Optional[float] = None
+    rate_limit: Optional[int] = None  # generation requests a minute per client
+    allow_unsafe_pickle: bool = False
+    preview_every: Optional[int] = None  # None: the engine's default for the backend
     threads: Optional[int] = None
     concurrency: int = 1
     replicas: tuple[Replicas, ...] = ()
@@ -150,6 +159,18 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--max-warm", default=env("SD_MAX_WARM", "2"), help="warm pipelines kept at most [SD_MAX_WARM]")
     p.add_argument("--outputs", type=Path, default=Path(env("SD_OUTPUTS", "outputs")),
                    help="every generated PNG is saved here [SD_OUTPUTS]")
+    p.add_argument("--outputs-max-gb", default=env("SD_OUTPUTS_MAX_GB"), metavar="GB",
+                   help="keep the outputs directory under GB: the oldest saved PNGs are deleted first "
+                        "(default: keep everything) [SD_OUTPUTS_MAX_GB]")
+    p.add_argument("--rate-limit", default=env("SD_RATE_LIMIT"), metavar="N",
+                   help="at most N generation requests a minute per client (user, else address); "
+                        "more get HTTP 429 (default: no limit) [SD_RATE_LIMIT]")
+    p.add_argument("--allow-unsafe-pickle", action="store_true", default=_truthy(env("SD_ALLOW_UNSAFE_PICKLE", "")),
+                   help="let .ckpt (pickle) checkpoints in the registry be read; convert them to .safetensors "
+                        "instead when you can [SD_ALLOW_UNSAFE_PICKLE]")
+    p.add_argument("--preview-every", default=env("SD_PREVIEW_EVERY"), metavar="N",
+                   help="live preview (cheap latent approximation) every N denoising steps, in the UI and in "
+                        "/sdapi/v1/progress; 0: off (default: 5, off on Neuron) [SD_PREVIEW_EVERY]")
     p.add_argument("--threads", default=env("SD_THREADS"), help="torch intra-op threads (default: every core but one) [SD_THREADS]")
     p.add_argument("--replicas", action="append", default=None, metavar="MODEL[@WxH]=N|auto",
                    help="warm copies of a model, each on its own NeuronCore pair (repeatable); auto: fill the "
@@ -184,6 +205,19 @@ def _positive_int(name: str, text: object, minimum: int = 1) -> int:
         raise SettingsError(f"{name} must be an integer, found {text!r}") from None
     if value < minimum:
         raise SettingsError(f"{name} must be at least {minimum}, found {value}")
+    return value
+
+
+def _positive_float(name: str, text: Optional[str]) -> Optional[float]:
+    """A size such as 0.5 or 20; None when not given."""
+    if text in (None, ""):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, found {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise SettingsError(f"{name} must be a positive number, found {text!r}")
     return value
 
 
@@ -261,6 +295,11 @@ def parse_settings(argv: Optional[Sequence[str]], environ: Mapping[str, str]) ->
         preload=_parse_preload(args.preload),
         max_warm=_positive_int("--max-warm", args.max_warm),
         outputs=Path(args.outputs),
+        outputs_max_gb=_positive_float("--outputs-max-gb", args.outputs_max_gb),
+        rate_limit=_positive_int("--rate-limit", args.rate_limit) if args.rate_limit not in (None, "") else None,
+        allow_unsafe_pickle=args.allow_unsafe_pickle,
+        preview_every=(_positive_int("--preview-every", args.preview_every, minimum=0)
+                       if args.preview_every not in (None, "") else None),
         threads=threads,
         concurrency=_positive_int("--concurrency", args.concurrency),
         replicas=replicas,
