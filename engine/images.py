@@ -20,6 +20,7 @@ from .types import RESIZE_MODES, Size
 MAX_PIXELS = 4096 * 4096  # an input larger than this is refused before its pixels are decoded
 BACKGROUND = (255, 255, 255)  # transparent pixels become white, A1111's default img2img background
 FORMATS = "PNG, JPEG, WebP, GIF, BMP or TIFF"
+_ORIENTATION = 0x0112  # the EXIF tag cameras use for "rotate this for display"
 
 
 def read_image(data: bytes) -> Image.Image:
@@ -92,7 +93,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """The image as photo viewers show it, in 8-bit RGB: EXIF rotation applied, transparency on
     white, 16-bit and float pixels scaled to 8 bits (a plain ``convert`` would clip them to white)."""
     try:
-        image = ImageOps.exif_transpose(image)
+        if image.getexif().get(_ORIENTATION, 1) != 1:  # exif_transpose copies even an upright image
+            image = ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - a malformed EXIF block: keep the image as stored
         pass
     if image.mode == "RGB":

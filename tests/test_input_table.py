@@ -140,7 +140,7 @@ def test_http_api(http, ui_server, record_property, case: Case):
     expect, _ = case.at("api")
     response = http.post(f"/sdapi/v1/{case.mode}", content=json.dumps(api_body(case)),
                          headers={"content-type": "application/json"})
-    assert ui_server.alive(), f"{case.id} killed the server"
+    assert ui_server.alive() and http.get("/sdapi/v1/progress").status_code == 200, f"{case.id}: the server stopped"
     assert response.status_code < 500, f"{case.id}: {response.status_code} {response.text[:500]}"
     if expect == REFUSED:
         assert 400 <= response.status_code < 500, f"{case.id}: {response.status_code}"
@@ -195,7 +195,7 @@ def test_ui(ui_client, ui_server, tmp_path, record_property, case: Case):
     try:
         images, _, stats = ui_client.predict(**ui_arguments(case, tmp_path))
     except AppError as exc:
-        assert ui_server.alive(), f"{case.id} killed the server"
+        assert ui_server.alive() and httpx.get(ui_server.url + "config").status_code == 200, f"{case.id}: stopped"
         assert expect == REFUSED, f"{case.id}: refused with {exc}"
         check_refusal(case, "ui", str(exc), record_property)
         return
