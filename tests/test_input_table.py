@@ -14,6 +14,7 @@ import io
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,8 @@ def check_refusal(case: Case, level: str, message: str, record: Any) -> None:
 
 
 def check_images(case: Case, level: str, sizes: list[tuple[int, int]], notices: str, record: Any) -> None:
-    record("images", f"{len(sizes)} x {sizes[0][0]}x{sizes[0][1]}" + (f"; {notices}" if notices else ""))
+    shown = f"{len(sizes)} x {sizes[0][0]}x{sizes[0][1]}" if sizes else "no images"
+    record("images", shown + (f"; {notices}" if notices else ""))
     fields = fields_of(case)
     size = Size.parse(case.size)
     assert sizes == [(size.width, size.height)] * fields["batch"], f"{case.id} at {level}: {sizes}"
@@ -69,8 +71,7 @@ def engine_request(case: Case) -> GenerateRequest:
                               size=Size.parse(f["size"]), num_images=f["batch"])
     if case.mode == "img2img":
         image = read_image(cached_image(f["image"])[0])
-        request = GenerateRequest(**{**request.__dict__, "init_image": image, "strength": f["strength"],
-                                     "resize_mode": f["resize_mode"]})
+        request = replace(request, init_image=image, strength=f["strength"], resize_mode=f["resize_mode"])
     return request
 
 
