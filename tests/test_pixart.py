@@ -169,3 +169,11 @@ def test_ui_models_tab_lists_pixart_with_its_compiled_size(cpu_engine):
     rows = model_rows(SimpleNamespace(engine=cpu_engine), cpu_engine.models())
     [row] = [r for r in rows if r[0] == MODEL]
     assert row[2] == "pixart-sigma" and row[3] == "64x64" and "compiled" in row[5]
+
+
+def test_live_preview_comes_through_the_pixart_step_callback(cpu_engine):
+    """PixArtSigmaPipeline has only the legacy step callback; the serving pipeline passes the latents on."""
+    previews = []
+    cpu_engine.generate(GenerateRequest(model=MODEL, prompt=PROMPT, seed=3, steps=6),  # a preview every 5 steps
+                        on_progress=lambda p: previews.append(p.preview))
+    assert previews[:4] == [None] * 4 and previews[4] is not None and previews[4].size == (64, 64)
