@@ -124,7 +124,8 @@ class BatchRun:
             return Cancelled(self.left[job], images=tuple(self.images[job]))
         request: GenerateRequest = job.payload.request
         resolved = job.payload.resolved
-        notices = truncation_notices(self.warm.components["tokenizer"], request.prompt, request.negative_prompt)
+        notices = truncation_notices(self.warm.components["tokenizer"], request.prompt, request.negative_prompt,
+                                     self.warm.family.text_length)
         return GenerateResult(request, resolved.spec.id, resolved.size, resolved.sampler, resolved.steps,
                               resolved.cfg_scale, resolved.seed, tuple(self.images[job]),
                               {**timings, "batch_requests": float(len(self.jobs))}, notices)

@@ -1,4 +1,5 @@
-"""What the text encoder sees of a prompt: CLIP reads at most 75 tokens (77 with start and end).
+"""What the text encoder sees of a prompt: CLIP reads at most 75 tokens (77 with start and end),
+PixArt-Sigma's T5 299 (300 with its end token).
 
 A longer prompt is cut by the pipeline without a word; ``truncation_notices`` says which words were
 dropped, so the UI and the API can tell the user (A1111 prints the same warning).
@@ -10,22 +11,25 @@ from typing import Any, Optional
 MAX_SHOWN = 300  # characters of the dropped text a notice quotes (a pasted essay must not fill the screen)
 
 
-def dropped_words(tokenizer: Any, text: str) -> Optional[tuple[int, int, str]]:
-    """(tokens in ``text``, tokens kept, the dropped text) when ``text`` is too long, else None."""
+def dropped_words(tokenizer: Any, text: str, max_length: Optional[int] = None) -> Optional[tuple[int, int, str]]:
+    """(tokens in ``text``, tokens kept, the dropped text) when ``text`` is too long, else None.
+    ``max_length``: the token length the pipeline pads / cuts to (default: the tokenizer's)."""
     if not text:
         return None
     ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
-    kept = tokenizer.model_max_length - 2  # the start and end tokens take two places
+    # the special tokens take their places: CLIP's start and end, T5's end
+    kept = (max_length or tokenizer.model_max_length) - tokenizer.num_special_tokens_to_add()
     if len(ids) <= kept:
         return None
     return len(ids), kept, tokenizer.decode(ids[kept:]).strip()
 
 
-def truncation_notices(tokenizer: Any, prompt: str, negative_prompt: str) -> tuple[str, ...]:
+def truncation_notices(tokenizer: Any, prompt: str, negative_prompt: str,
+                       max_length: Optional[int] = None) -> tuple[str, ...]:
     """One sentence per prompt that is cut, naming the words the model never saw."""
     notices = []
     for label, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
-        cut = dropped_words(tokenizer, text)
+        cut = dropped_words(tokenizer, text, max_length)
         if cut is not None:
             total, kept, dropped = cut
             shown = (f'"{dropped}"' if len(dropped) <= MAX_SHOWN

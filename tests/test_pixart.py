@@ -177,3 +177,11 @@ def test_live_preview_comes_through_the_pixart_step_callback(cpu_engine):
     cpu_engine.generate(GenerateRequest(model=MODEL, prompt=PROMPT, seed=3, steps=6),  # a preview every 5 steps
                         on_progress=lambda p: previews.append(p.preview))
     assert previews[:4] == [None] * 4 and previews[4] is not None and previews[4].size == (64, 64)
+
+
+def test_a_prompt_longer_than_t5_reads_names_the_cut_words(cpu_engine):
+    """PixArt-Sigma's T5 reads 300 tokens (299 and its end token), not CLIP's 75."""
+    fits = "ab " * 149 + "a"  # the tiny tokenizer: "▁a", "b" per "ab" -> 299 tokens
+    result = cpu_engine.generate(GenerateRequest(model=MODEL, prompt=fits + " zz", seed=1, steps=1))
+    assert result.notices == ('the prompt is 301 tokens and the model reads 299: these words were ignored: "zz"',)
+    assert cpu_engine.generate(GenerateRequest(model=MODEL, prompt=fits, seed=1, steps=1)).notices == ()
