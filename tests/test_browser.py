@@ -183,3 +183,16 @@ def test_model_defaults_batch_and_picking_an_image(page):
     expect(thumbnails).to_have_count(2)
     thumbnails.nth(1).click()
     expect(info).to_have_value(re.compile(rf"Seed: {first_seed + 1},"))
+
+
+def test_the_gallery_shows_a_live_preview_while_generating(page, screenshots):
+    page.locator("#txt2img_prompt textarea").fill("a preview")
+    set_number(page, "txt2img_steps", 150)
+    set_number(page, "txt2img_batch_count", 3)
+    page.locator("#txt2img_generate").click()
+    # while the progress bar still counts steps, the gallery already holds the preview image
+    page.wait_for_function("() => /step \\d+\\/150/.test(document.body.innerText)"
+                           " && document.querySelector('#txt2img_gallery img') !== null")
+    page.screenshot(path=str(screenshots / "preview.png"))
+    page.locator("#txt2img_interrupt").click()
+    expect(page.locator("#txt2img_stats")).to_contain_text("Interrupted")

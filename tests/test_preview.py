@@ -81,3 +81,19 @@ def _wait(fetch, condition, timeout: float = 30.0):
             return value
         time.sleep(0.05)
     pytest.fail(f"never matched: {value}")
+
+
+pytest_plugins = ["ui_server"]
+
+
+def test_the_ui_gallery_shows_live_previews_before_the_images(ui_server, tmp_path):
+    from gradio_client import Client
+
+    client = Client(ui_server.url, verbose=False, download_files=str(tmp_path))
+    job = client.submit(prompt="a red circle", negative_prompt="", model="tiny-sd15", resolution="64x64",
+                        sampler="Euler", steps=120, cfg_scale=7, seed=5, batch_count=2, api_name="/txt2img")
+    final_images, info, stats = job.result(timeout=120)
+    outputs = job.outputs()
+    previews = [gallery for gallery, _, _ in outputs[:-1]]
+    assert previews and all(len(gallery) == 1 for gallery in previews)  # one preview image at a time
+    assert len(final_images) == 2 and "Seed: 5" in info and outputs[-1][0] == final_images

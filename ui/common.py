@@ -14,9 +14,10 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Generator, Iterator, Optional
 
 import gradio as gr
+from PIL import Image
 
 from engine import (Cancelled, Engine, EngineError, GenerateRequest, GenerateResult, InvalidRequest,
                     Job, ModelInfo, OutputStore, Progress, RateLimiter, Size, client_key)
@@ -237,20 +238,34 @@ def pick_seed(seed: int) -> int:
     return random.SystemRandom().randrange(MAX_SEED - MAX_BATCH) if seed == -1 else seed
 
 
+@dataclass(frozen=True)
+class LiveUpdate:
+    """What a running generate handler shows: the progress line, and a new live preview (or None)."""
+
+    line: str
+    preview: Optional[Image.Image] = None
+
+
 class ProgressReporter:
-    """Engine ``Progress`` → gradio's progress bar, across the images of a batch, throttled."""
+    """Engine ``Progress`` → a progress line (and gradio's progress bar), across the images of a
+    batch, throttled: each call returns the line when it is due, else None."""
 
     def __init__(self, progress: Optional[gr.Progress], count: int):
         self.progress, self.count = progress, count
         self.index = 0
         self._last = 0.0
 
-    def queued(self, position: int) -> None:
+    def queued(self, position: int) -> Optional[str]:
         """Waiting in the engine's queue (position 1: next when a running job finishes)."""
-        if self.progress is None or not self._due(final=False):
-            return
-        prefix = f"Image {self.index + 1}/{self.count} · " if self.count > 1 else ""
-        self.progress(0.0, desc=f"{prefix}In queue: position {position}")
+        if not self._due(final=False):
+            return None
+        line = f"{self._prefix()}In queue: position {position}"
+        if self.progress is not None:
+            self.progress(0.0, desc=line)
+        return line
+
+    def _prefix(self) -> str:
+        return f"Image {self.index + 1}/{self.count} · " if self.count > 1 else ""
 
     def _due(self, final: bool) -> bool:
         now = time.monotonic()
@@ -259,31 +274,54 @@ class ProgressReporter:
         self._last = now
         return True
 
-    def __call__(self, p: Progress) -> None:
-        if self.progress is None or not self._due(final=p.step >= p.total_steps):
-            return
+    def __call__(self, p: Progress) -> Optional[str]:
+        if not self._due(final=p.step >= p.total_steps):
+            return None
         done = self.index * p.total_steps + p.step
-        prefix = f"Image {self.index + 1}/{self.count} · " if self.count > 1 else ""
-        self.progress((done, self.count * p.total_steps),
-                      desc=f"{prefix}step {p.step}/{p.total_steps} · {p.it_per_s:.2f} it/s", unit="steps")
+        line = f"{self._prefix()}step {p.step}/{p.total_steps} · {p.it_per_s:.2f} it/s"
+        if self.progress is not None:
+            self.progress((done, self.count * p.total_steps), desc=line, unit="steps")
+        return line
 
 
-def wait_for(job: Job, reporter: ProgressReporter) -> GenerateResult:
-    """Wait for a job in the engine's queue, showing its queue position, then its steps."""
+def wait_for(job: Job, reporter: ProgressReporter) -> Generator[LiveUpdate, None, GenerateResult]:
+    """Wait for a job in the engine's queue, yielding its queue position, then its steps and each new
+    live preview; returns its result."""
+    shown = None
     while not job.wait(PROGRESS_INTERVAL_S):
         if job.state == "queued":
-            reporter.queued(job.position)
-        elif job.progress is not None:
-            reporter(job.progress)
+            line = reporter.queued(job.position)
+        else:
+            line = reporter(job.progress) if job.progress is not None else None
+        preview = job.progress.preview if job.progress is not None else None
+        if line is not None:
+            yield LiveUpdate(line, preview if preview is not shown else None)
+            shown = preview
     return job.result()
 
 
+def tab_outputs(run: Generator[LiveUpdate, None, JobOutcome]) -> Iterator[tuple[Any, ...]]:
+    """A generate handler's outputs (gallery, parameters, stats): while ``run`` runs, its progress
+    line in the stats and each live preview in the gallery; then the saved images, the first one's
+    parameters and the stats line."""
+    while True:
+        try:
+            update = next(run)
+        except StopIteration as finished:
+            outcome: JobOutcome = finished.value
+            break
+        yield ([update.preview] if update.preview is not None else gr.skip()), gr.skip(), update.line
+    yield outcome.paths, (outcome.infotexts[0] if outcome.infotexts else ""), outcome.stats
+
+
 def run_job(ctx: AppContext, make_request: Callable[[], GenerateRequest], batch_count: Any,
-            user: Optional[gr.Request], progress: Optional[gr.Progress], what: str) -> JobOutcome:
+            user: Optional[gr.Request], progress: Optional[gr.Progress],
+            what: str) -> Generator[LiveUpdate, None, JobOutcome]:
     """Generate ``batch_count`` images, each a job in the engine's queue, translating engine errors
     into ``gr.Error``. Jobs are submitted a model's largest batch at a time: they can run as one
     device call, yet other users' jobs still take turns with a long batch count. Each image is saved
-    as soon as it exists; an interrupt keeps the finished ones.
+    as soon as it exists; an interrupt keeps the finished ones. Yields live previews while it runs
+    (see ``tab_outputs``) and returns the outcome.
 
     ``make_request`` builds the request inside the translation, so a malformed size or seed is
     reported like any other engine error.
@@ -312,7 +350,7 @@ def run_job(ctx: AppContext, make_request: Callable[[], GenerateRequest], batch_
                              for i in range(index, min(count, index + chunk))]
                 reporter.index = index
                 try:
-                    result = wait_for(jobs[index], reporter)
+                    result = yield from wait_for(jobs[index], reporter)
                 except Cancelled:
                     break
                 results.append(result)

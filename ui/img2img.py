@@ -5,7 +5,7 @@ import base64
 import binascii
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import gradio as gr
 from PIL import Image
@@ -15,7 +15,8 @@ from engine.images import read_image
 from engine.types import RESIZE_MODES
 
 from .common import (GENERATE_ADMISSION, GENERATE_QUEUE, AppContext, GenerationControls, Radio, Slider, output_panel,
-                     parameter_controls, prompt_row, request_size, run_job, user_error, whole, wire_common)
+                     parameter_controls, prompt_row, request_size, run_job, tab_outputs, user_error, whole,
+                     wire_common)
 
 TAB = "img2img"
 
@@ -89,11 +90,11 @@ def wire(ctx: AppContext, c: Img2ImgControls, model: gr.Dropdown) -> None:
                 sampler: Optional[str] = None, steps: Optional[float] = None, cfg_scale: Optional[float] = None,
                 seed: float = -1, batch_count: float = 1, denoising_strength: float = 0.75,
                 resize_mode: str = RESIZE_MODES[0], request: gr.Request = None,
-                progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
+                progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Any, ...]]:
         """Redraw ``init_image`` following the prompt, ``batch_count`` times. The image is fitted to
         the generation size with ``resize_mode``; ``denoising_strength`` 0 keeps it, 1 replaces it.
         Returns the PNGs (each carrying its A1111 parameters), the first image's parameters and a
-        line with seed, time and it/s."""
+        line with seed, time and it/s (while it runs, intermediate outputs carry the live preview)."""
 
         def make_request() -> GenerateRequest:
             if init_image is None:
@@ -105,8 +106,7 @@ def wire(ctx: AppContext, c: Img2ImgControls, model: gr.Dropdown) -> None:
                 init_image=init_image, strength=_strength(denoising_strength),
                 resize_mode=resize_mode or RESIZE_MODES[0])
 
-        outcome = run_job(ctx, make_request, batch_count, request, progress, "img2img")
-        return outcome.paths, (outcome.infotexts[0] if outcome.infotexts else ""), outcome.stats
+        yield from tab_outputs(run_job(ctx, make_request, batch_count, request, progress, "img2img"))
 
     inputs = dict(init_image=c.init_image, prompt=c.prompt, negative_prompt=c.negative_prompt, model=model,
                   resolution=c.resolution, width=c.width, height=c.height, sampler=c.sampler, steps=c.steps,

@@ -1,14 +1,14 @@
 """The txt2img tab: prompt → images. Its Generate event is the ``/txt2img`` API endpoint."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import gradio as gr
 
 from engine import GenerateRequest
 
-from .common import (GENERATE_ADMISSION, GENERATE_QUEUE, AppContext, GenerationControls, output_panel, parameter_controls, prompt_row,
-                     request_size, run_job, whole, wire_common)
+from .common import (GENERATE_ADMISSION, GENERATE_QUEUE, AppContext, GenerationControls, output_panel,
+                     parameter_controls, prompt_row, request_size, run_job, tab_outputs, whole, wire_common)
 
 TAB = "txt2img"
 
@@ -34,9 +34,10 @@ def wire(ctx: AppContext, c: GenerationControls, model: gr.Dropdown) -> None:
                 resolution: Optional[str] = None, width: Optional[float] = None, height: Optional[float] = None,
                 sampler: Optional[str] = None, steps: Optional[float] = None, cfg_scale: Optional[float] = None,
                 seed: float = -1, batch_count: float = 1, request: gr.Request = None,
-                progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
+                progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Any, ...]]:
         """Generate ``batch_count`` images from a prompt. Returns the PNGs (each carrying its A1111
-        parameters), the first image's parameters and a line with seed, time and it/s.
+        parameters), the first image's parameters and a line with seed, time and it/s (while it runs,
+        intermediate outputs carry the live preview in the gallery).
         ``resolution`` (WxH) is used on fixed-shape backends, ``width``/``height`` on eager; left out,
         the model, size, sampler, steps and CFG are the registry's defaults."""
 
@@ -46,8 +47,7 @@ def wire(ctx: AppContext, c: GenerationControls, model: gr.Dropdown) -> None:
                 sampler=sampler or None, steps=whole("steps", steps), cfg_scale=cfg_scale,
                 seed=whole("seed", seed, -1), size=request_size(ctx, resolution, width, height))
 
-        outcome = run_job(ctx, make_request, batch_count, request, progress, "txt2img")
-        return outcome.paths, (outcome.infotexts[0] if outcome.infotexts else ""), outcome.stats
+        yield from tab_outputs(run_job(ctx, make_request, batch_count, request, progress, "txt2img"))
 
     inputs = dict(prompt=c.prompt, negative_prompt=c.negative_prompt, model=model, resolution=c.resolution,
                   width=c.width, height=c.height, sampler=c.sampler, steps=c.steps, cfg_scale=c.cfg_scale,
