@@ -58,3 +58,24 @@ def test_each_character_that_breaks_a_field_is_quoted_and_comes_back(value, writ
     assert text.splitlines()[-1] == f"Steps: 2, Note: {written}, Seed: 1"
     params = parse_infotext(text)
     assert params["Note"] == (value if isinstance(value, str) else written) and params["Seed"] == "1"
+
+
+def test_parse_keeps_what_is_not_a_parameters_line():
+    """A last line with fewer than three ``key: value`` pairs is prompt text; a multi-line negative
+    prompt keeps its lines; a prompt starting with X keeps it (mutation survivors)."""
+    assert parse_infotext("a cat\nlighting: soft")["Prompt"] == "a cat\nlighting: soft"
+    text = "Xylophone\nNegative prompt: blurry\nlow contrast\nSteps: 2, Sampler: Euler, CFG scale: 7"
+    params = parse_infotext(text)
+    assert params["Prompt"] == "Xylophone" and params["Negative prompt"] == "blurry\nlow contrast"
+    assert parse_infotext('p\nSteps: 2, Note: "", Seed: 1')["Note"] == ""  # an empty quoted value
+
+
+def test_read_parameters_of_a_png_an_in_memory_image_and_an_image_without():
+    import io
+
+    png = Image.open(io.BytesIO(png_with_parameters(Image.new("RGB", (8, 8)), "a\nSteps: 1, Seed: 2, Size: 8x8")))
+    assert read_parameters(png) == "a\nSteps: 1, Seed: 2, Size: 8x8"
+    in_memory = Image.new("RGB", (8, 8))  # not a PNG file: no .text, parameters in .info (as PIL's WebP/JPEG)
+    in_memory.info["parameters"] = "from info"
+    assert read_parameters(in_memory) == "from info"
+    assert read_parameters(Image.new("RGB", (8, 8))) == ""

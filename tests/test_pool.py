@@ -184,3 +184,51 @@ def test_snapshot_and_loading_report_what_the_status_page_shows():
     assert info.last_used >= before and pool.is_warm(key("a"))
     with pool.lease(key("a")):
         assert [i.in_use for i in pool.snapshot()] == [True]
+
+
+def test_a_cap_from_a_failed_load_is_forgotten_when_asked_again_or_evicted():
+    """A failed extra load caps the replicas (not retried per request) until ``ensure_replicas`` asks
+    again or the model is evicted; after that, busy leases load up to the target again."""
+    broken = {1}
+    pool = WarmPool(lambda r: (_ for _ in ()).throw(RuntimeError("broken")) if r.index in broken else Record(r),
+                    max_warm=1, replicas=lambda k: 3)
+    with pool.lease(key("a")), pool.lease(key("a")):
+        pass  # replica 1 failed: capped at 1
+    broken.clear()
+    assert pool.ensure_replicas(key("a"), 2) == 2  # asked again: the cap is gone, two are warm
+    leased, release = hold_leases(pool, [key("a")] * 3, 3)  # the target is 3: a third loads when both are busy
+    release()
+    assert sorted(i.replica for i in pool.snapshot()) == [0, 1, 2]
+
+    pool = WarmPool(lambda r: (_ for _ in ()).throw(RuntimeError("broken")) if r.index in broken else Record(r),
+                    max_warm=1, replicas=lambda k: 2)
+    broken.add(1)
+    with pool.lease(key("a")), pool.lease(key("a")):
+        pass
+    assert pool.unload(key("a")) == 1  # evicted: the cap goes with it
+    broken.clear()
+    leased, release = hold_leases(pool, [key("a")] * 2, 2)
+    release()
+    assert sorted(i.replica for i in pool.snapshot()) == [0, 1]
+
+
+def test_an_extra_replica_loading_is_listed_with_its_start_time():
+    started, release_load = threading.Event(), threading.Event()
+
+    def loader(r):
+        if r.index == 1:
+            started.set()
+            assert release_load.wait(10)
+        return Record(r)
+
+    pool = WarmPool(loader, max_warm=1, replicas=lambda k: 2)
+    pool.ensure(key("a"))
+    before = time.time()
+    thread = threading.Thread(target=pool.ensure_replicas, args=(key("a"), 2))
+    thread.start()
+    assert started.wait(10)
+    [loading] = pool.loading()
+    assert (loading.key, loading.replica) == (key("a"), 1) and loading.since >= before
+    release_load.set()
+    thread.join()
+    assert sorted(i.replica for i in pool.snapshot()) == [0, 1]
