@@ -163,3 +163,57 @@ def test_engine_generation_runs_on_the_device_worker_and_reports_progress(cpu_en
     result = job.result(60)
     assert steps == [1, 2, 3] and seen_threads == {"device-worker-0"}
     assert job.progress.step == 3 and result.images[0].seed == 1
+
+
+class Recorder:
+    """Executes batches of (kind, rows) payloads, recording each batch; ("block", 1) waits for release."""
+
+    def __init__(self):
+        self.batches: list[list[str]] = []
+        self.release = threading.Event()
+
+    def __call__(self, jobs):
+        if jobs[0].payload[0] == "block":
+            assert self.release.wait(10)
+        self.batches.append([job.payload[2] for job in jobs])
+        return [job.payload[2] for job in jobs]
+
+
+def _batching(wait_s: float = 0.0):
+    from engine.scheduler import Batching
+
+    return Batching(key=lambda p: None if p[0] in ("block", "solo") else p[0], rows=lambda p: p[1],
+                    limit=lambda p: 4, wait_s=wait_s)
+
+
+def test_waiting_jobs_of_one_kind_join_a_batch_up_to_its_row_limit_in_order():
+    recorder = Recorder()
+    scheduler = Scheduler(recorder, workers=1, batching=_batching())
+    try:
+        blocker = scheduler.submit(("block", 1, "block"))
+        _wait_running(blocker)
+        jobs = [scheduler.submit(p) for p in [("a", 1, "a1"), ("b", 1, "b1"), ("a", 2, "a2"), ("a", 1, "a4"),
+                                              ("a", 1, "a5"), ("a", 2, "a3"), ("solo", 1, "s1"), ("solo", 1, "s2")]]
+        jobs[3].interrupt()  # an interrupted job never joins a batch, and never runs
+        recorder.release.set()
+        for job in jobs[:3] + jobs[4:]:
+            job.result(5)
+        assert recorder.batches == [["block"], ["a1", "a2", "a5"], ["b1"], ["a3"], ["s1"], ["s2"]]
+    finally:
+        recorder.release.set()
+        scheduler.close()
+
+
+def test_a_worker_waits_for_more_jobs_only_while_the_batch_is_not_full():
+    recorder = Recorder()
+    scheduler = Scheduler(recorder, workers=1, batching=_batching(wait_s=0.8))
+    try:
+        first = scheduler.submit(("a", 1, "a1"))
+        time.sleep(0.2)
+        second = scheduler.submit(("a", 1, "a2"))  # arrives while the worker waits: same batch
+        assert (first.result(5), second.result(5)) == ("a1", "a2") and recorder.batches == [["a1", "a2"]]
+        started = time.monotonic()
+        full = scheduler.submit(("a", 4, "full"))  # a full batch does not wait
+        assert full.result(5) == "full" and time.monotonic() - started < 0.6
+    finally:
+        scheduler.close()
