@@ -187,6 +187,18 @@ class SDModelItem(BaseModel):
     compiled: list[str] = Field(description="Sizes this backend can generate now.")
 
 
+class LoraItem(BaseModel):
+    """A1111's ``/sdapi/v1/loras`` item (name, alias, path, metadata), plus where it is fused."""
+
+    name: str = Field(description="What <lora:name:weight> in a prompt calls it.")
+    alias: str
+    path: str = Field(description="The .safetensors file.")
+    metadata: dict[str, str] = Field(default_factory=dict, description="The file's safetensors metadata.")
+    scale: float = Field(description="The weight it is fused at: write <lora:name:scale>.")
+    models: list[str] = Field(description="The models it is fused into at this scale.")
+    hash: str = Field(description="A1111's short hash (the 'Lora hashes' infotext value).")
+
+
 class UpscalerItem(BaseModel):
     name: str
     model_name: Optional[str] = None

@@ -20,16 +20,16 @@ from engine.samplers import sampler_aliases, sampler_names
 from .auth import owner_for, rate_limit, require_user
 from .errors import ERROR_RESPONSES
 from .images import decode_base64, open_image, png_base64, png_bytes
-from .schemas import (ImageResponse, Img2ImgRequest, MemoryResponse, OptionsUpdate, PngInfoRequest, PngInfoResponse,
-                      ProgressResponse, ProgressState, SamplerItem, SchedulerItem, SDModelItem, Txt2ImgRequest,
-                      UpscalerItem)
+from .schemas import (ImageResponse, Img2ImgRequest, LoraItem, MemoryResponse, OptionsUpdate, PngInfoRequest,
+                      PngInfoResponse, ProgressResponse, ProgressState, SamplerItem, SchedulerItem, SDModelItem,
+                      Txt2ImgRequest, UpscalerItem)
 from .service import ApiContext, find_model, generate
 
 PREFIX = "/sdapi/v1"
 
 # A1111 routes of features this server does not have: they answer what A1111 answers when none is
 # installed, so clients that probe them on connect (webuiapi asks for /scripts) carry on.
-_EMPTY_LISTS = ("sd-vae", "loras", "hypernetworks", "face-restorers", "prompt-styles", "latent-upscale-modes",
+_EMPTY_LISTS = ("sd-vae", "hypernetworks", "face-restorers", "prompt-styles", "latent-upscale-modes",
                 "extensions", "script-info", "realesrgan-models", "sd-modules")
 
 
@@ -66,6 +66,11 @@ def _listing_routes(router: APIRouter, ctx: ApiContext) -> None:
         return [SDModelItem(title=m.id, model_name=m.id, filename=m.source, family=m.family,
                             resolutions=[str(s) for s in m.resolutions],
                             compiled=[str(s) for s in m.compiled_sizes()]) for m in ctx.engine.models()]
+
+    @router.get("/loras", response_model=list[LoraItem], summary="LoRAs fused into registry models at compile time")
+    def loras() -> list[LoraItem]:
+        return [LoraItem(name=lora.name, alias=lora.name, path=lora.path, metadata=lora.metadata, scale=lora.scale,
+                         models=list(lora.models), hash=lora.short_hash) for lora in ctx.engine.loras()]
 
     @router.get("/samplers", response_model=list[SamplerItem], summary="Samplers (A1111 names and aliases)")
     def samplers() -> list[SamplerItem]:

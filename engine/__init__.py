@@ -1,5 +1,5 @@
 """Stable Diffusion serving engine: registry, compile, warm pool and one ``generate`` facade."""
-from .engine import Engine, EngineSettings, ModelInfo, ReplicaTarget
+from .engine import Engine, EngineSettings, LoraInfo, ModelInfo, ReplicaTarget
 from .errors import (ArtifactCorrupt, ArtifactMismatch, ArtifactMissing, BackendUnavailable, Cancelled, CompileError,
                      EngineError, InvalidRequest, ModelLoadError, OutputWriteError, RegistryError, UnknownModel,
                      UnknownSampler, ReplicaUnavailable, UnsupportedResolution)
@@ -10,7 +10,7 @@ from .scheduler import Job, QueueSnapshot
 from .types import GeneratedImage, GenerateRequest, GenerateResult, Progress, Size, VariantKey
 
 __all__ = [
-    "Engine", "EngineSettings", "ModelInfo", "ReplicaTarget", "Registry", "load_registry", "Job", "QueueSnapshot", "OutputStore",
+    "Engine", "EngineSettings", "LoraInfo", "ModelInfo", "ReplicaTarget", "Registry", "load_registry", "Job", "QueueSnapshot", "OutputStore",
     "GenerateRequest", "GenerateResult", "GeneratedImage", "Progress", "Size", "VariantKey",
     "EngineError", "RegistryError", "UnknownModel", "UnsupportedResolution", "InvalidRequest", "UnknownSampler",
     "ArtifactMissing", "ArtifactMismatch", "ArtifactCorrupt", "BackendUnavailable", "ReplicaUnavailable", "ModelLoadError",

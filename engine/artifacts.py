@@ -56,6 +56,8 @@ def fingerprint(spec: ModelSpec, size: Size, backend: str, stack_key: str) -> st
     }
     if spec.batch_sizes != (1,):  # (kept out for the default, so artifacts compiled before stay valid)
         identity["batch_sizes"] = list(spec.batch_sizes)
+    if spec.loras:  # fused into the weights: another file or scale is another artifact
+        identity["loras"] = [{"sha256": lora.sha256, "scale": lora.scale} for lora in spec.loras]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -99,7 +101,9 @@ def variant_status(directory: Path, expected_fingerprint: str) -> VariantStatus:
 def _stale_reason(manifest: dict[str, Any]) -> str:
     versions = manifest.get("versions", {})
     stack = ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
-    return f"compiled from {manifest.get('source')} as {manifest.get('dtype')} with {stack}"
+    loras = "".join(f", LoRA {lora.get('name')} (sha256 {str(lora.get('sha256'))[:12]}) at {lora.get('scale')}"
+                    for lora in manifest.get("loras", []))
+    return f"compiled from {manifest.get('source')}{loras} as {manifest.get('dtype')} with {stack}"
 
 
 def verified_manifest(

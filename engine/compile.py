@@ -151,6 +151,8 @@ def _manifest(spec: ModelSpec, size: Size, backend: Backend, parts: ModelParts, 
         "tp_degree": backend.tensor_parallel_degree(spec),
         "source": {"kind": spec.source.kind, "ref": spec.source.ref, "revision": spec.source.revision,
                    "config": spec.source.config},
+        "loras": [{"name": lora.name, "path": lora.path, "scale": lora.scale, "sha256": lora.sha256}
+                  for lora in spec.loras],
         "fingerprint": expected_fingerprint(spec, size, backend),
         "versions": backend.stack_versions(),
         "target": backend.target(),

@@ -19,7 +19,9 @@ from .images import fit_image
 from .infotext import format_infotext
 from .pipelines import WarmPipeline, load_compiled, load_eager, warm_up
 from .placement import CorePlan, Footprint, PlacedBackend, footprint_from_manifest
+from .lora import select_variant
 from .pool import WarmPool
+from .prompts import lora_tags, strip_extra_networks
 from .registry import ModelSpec, Registry, load_registry
 from .families import FAMILIES
 from .samplers import check_sampler_for
@@ -87,6 +89,18 @@ class ModelInfo:
 
     def compiled_sizes(self) -> list[Size]:
         return [s for s, state in self.compiled.items() if state in ("compiled", "n/a")]
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    """A LoRA fused into ``models`` at ``scale``; ``<lora:name:scale>`` in a prompt selects it."""
+
+    name: str
+    path: str
+    scale: float
+    models: tuple[str, ...]
+    short_hash: str
+    metadata: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -185,6 +199,18 @@ class Engine:
     def models(self) -> list[ModelInfo]:
         warm = self._warm_keys()
         return [self._model_info(spec, warm) for spec in self.registry.models]
+
+    def loras(self) -> list[LoraInfo]:
+        """The LoRAs fused into registry models, one entry per file and scale (A1111's
+        ``/sdapi/v1/loras``), each with the models that have it."""
+        found: dict[tuple[str, str, float], list[str]] = {}
+        files = {}
+        for spec in self.registry.models:
+            for lora in spec.loras:
+                found.setdefault((lora.name, lora.path, lora.scale), []).append(spec.id)
+                files[lora.path] = lora
+        return [LoraInfo(name, path, scale, tuple(models), files[path].short_hash, dict(files[path].metadata))
+                for (name, path, scale), models in found.items()]
 
     def _warm_keys(self) -> set[VariantKey]:
         return {info.key for info in self.pool.snapshot()}
@@ -409,7 +435,7 @@ class Engine:
         resolved = first.resolved
         negatives = [w.request.negative_prompt or "" for w in works]
         kwargs: dict[str, Any] = {
-            "prompt": per_row([w.request.prompt for w in works]),
+            "prompt": per_row([strip_extra_networks(w.request.prompt) for w in works]),  # A1111 drops <lora:…>
             "negative_prompt": per_row(negatives) if any(negatives) else None,
             "num_inference_steps": resolved.steps,
             "guidance_scale": resolved.cfg_scale,
@@ -427,6 +453,7 @@ class Engine:
     def _resolve(self, request: GenerateRequest) -> _Resolved:
         _check_fields(request)
         spec = self.registry.get(request.model or self.default_model)
+        spec = select_variant(self.registry, spec, lora_tags(request.prompt))  # <lora:name:w> picks a fused variant
         sampler = request.sampler or spec.defaults.sampler
         check_sampler_for(spec.family, spec.id, sampler)
         if request.init_image is not None and not FAMILIES[spec.family].has_img2img:
@@ -489,6 +516,8 @@ def _infotext(request: GenerateRequest, resolved: _Resolved, seed: int, backend:
         "Seed": seed,
         "Size": str(resolved.size),
         "Model": resolved.spec.id,
+        # A1111's Lora hashes (name: short hash); the fused LoRAs shape every image of the model
+        "Lora hashes": ", ".join(f"{lora.name}: {lora.short_hash}" for lora in resolved.spec.loras) or None,
         "Denoising strength": request.strength if request.init_image is not None else None,
         "Backend": backend,
     }
@@ -529,4 +558,4 @@ def _check_fields(request: GenerateRequest) -> None:
                              f"got {type(request.init_image).__name__}")
 
 
-__all__ = ["Engine", "EngineSettings", "ModelInfo", "ReplicaTarget"]
+__all__ = ["Engine", "EngineSettings", "LoraInfo", "ModelInfo", "ReplicaTarget"]

@@ -36,7 +36,7 @@ def format_infotext(prompt: str, negative_prompt: str, params: Mapping[str, Any]
 
 def _quote(value: Any) -> str:
     text = format_number(value) if isinstance(value, float) else str(value)
-    if "," in text or "\n" in text or '"' in text:
+    if "," in text or "\n" in text or '"' in text or ":" in text:  # A1111 quotes a ':' too (Lora hashes)
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     return text
 

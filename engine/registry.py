@@ -83,6 +83,28 @@ class Scaling:
     idle_s: float = 60.0
 
 
+# Families whose UNet and CLIP text encoders take LoRAs (diffusers' SD / SDXL LoRA loaders).
+LORA_FAMILIES = ("sd15", "sd21", "sdxl")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA fused into the model's UNet and text encoder(s) before compiling (engine.lora).
+
+    ``name``: what ``<lora:name:weight>`` in a prompt calls it (the file stem unless the entry says);
+    ``scale``: the weight it is fused at. ``sha256`` (of the file) and ``scale`` are part of the
+    artifact fingerprint: changing either recompiles. ``short_hash`` is A1111's ``Lora hashes`` value."""
+
+    name: str
+    path: str
+    scale: float
+    format: str  # "kohya" | "diffusers"
+    components: tuple[str, ...]  # unet, text_encoder, text_encoder_2: the modules it changes
+    sha256: str
+    short_hash: str
+    metadata: tuple[tuple[str, str], ...] = ()  # the file's safetensors metadata (A1111 lists it)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     id: str
@@ -96,6 +118,7 @@ class ModelSpec:
     batch_sizes: tuple[int, ...] = (1,)
     scaling: Scaling = Scaling()
     tp_degree: int = 1  # NeuronCores the sharded components span (PixArt-Sigma on Neuron; 1: no sharding)
+    loras: tuple[LoraSpec, ...] = ()  # fused into the weights before compiling, in this order
 
     @property
     def default_size(self) -> Size:
@@ -210,7 +233,61 @@ def _parse_model(check: _Checker, raw: Any, index: int) -> ModelSpec:
         batch_sizes=_parse_batch_sizes(check, model_id, raw.get("batch_sizes", [1])),
         scaling=_parse_scaling(check, model_id, raw.get("scaling", {})),
         tp_degree=_parse_tp_degree(check, model_id, family, raw),
+        loras=_parse_loras(check, model_id, family, raw.get("loras", [])),
     )
+
+
+_LORA_FIELDS = ("source", "scale", "name")
+
+
+def _parse_loras(check: _Checker, model_id: str, family: str, raw: Any) -> tuple[LoraSpec, ...]:
+    """``loras: [{source: FILE.safetensors, scale: 0.8, name: detail}]``: each file is read here (its
+    header and a hash, not its tensors) so a wrong file fails when the registry loads."""
+    from .lora import LoraFormatError, read_lora_file
+
+    if raw == []:
+        return ()
+    if family not in LORA_FAMILIES:
+        raise check.fail(model_id, "loras", f"no loras for family {family} (only {', '.join(LORA_FAMILIES)})", raw)
+    if not isinstance(raw, list):
+        raise check.fail(model_id, "loras", "a list of mappings such as [{source: detail.safetensors, scale: 0.8}]",
+                         raw)
+    loras: list[LoraSpec] = []
+    for index, item in enumerate(raw):
+        field = f"loras[{index}]"
+        if not isinstance(item, dict) or "source" not in item:
+            raise check.fail(model_id, field, "a mapping with source (and scale, name)", item)
+        unknown = sorted(set(item) - set(_LORA_FIELDS))
+        if unknown:
+            raise check.fail(model_id, f"{field}.{unknown[0]}", f"one of {', '.join(_LORA_FIELDS)}", unknown[0])
+        source = item["source"]
+        if not isinstance(source, str) or not source.lower().endswith(".safetensors"):
+            raise check.fail(model_id, f"{field}.source", "a .safetensors LoRA file (a path relative to the registry)",
+                             source)
+        path = (check.path.parent / source).resolve()
+        if not path.is_file():
+            raise check.fail(model_id, f"{field}.source", "an existing .safetensors file", str(path))
+        scale = item.get("scale", 1.0)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not -10 <= scale <= 10 or scale == 0:
+            raise check.fail(model_id, f"{field}.scale", "a number from -10 to 10 other than 0 (the LoRA's weight)",
+                             scale)
+        name = item.get("name", path.stem)
+        if not isinstance(name, str) or not name.strip() or any(c in name for c in ":<>,"):
+            raise check.fail(model_id, f"{field}.name", "a name without ':', '<', '>' or ','", name)
+        if name in (lora.name for lora in loras):
+            raise check.fail(model_id, f"{field}.name", "each LoRA name once per model", name)
+        try:
+            info = read_lora_file(path)
+        except LoraFormatError as exc:
+            raise check.fail(model_id, f"{field}.source", f"a LoRA (kohya/A1111 or diffusers/peft format) — {exc}",
+                             str(path)) from None
+        if "text_encoder_2" in info.components and family != "sdxl":
+            raise check.fail(model_id, f"{field}.source", f"a LoRA for {family} (this one has text_encoder_2 weights: "
+                             "an SDXL LoRA)", str(path))
+        loras.append(LoraSpec(name=name, path=str(path), scale=float(scale), format=info.format,
+                              components=info.components, sha256=info.sha256, short_hash=info.short_hash,
+                              metadata=tuple(sorted(info.metadata.items()))))
+    return tuple(loras)
 
 
 def _check_family_limits(check: _Checker, model_id: str, family: str, raw: dict) -> None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError
-from .families import FAMILIES, TEXT_ENCODER, TEXT_ENCODER_2
+from .families import FAMILIES, TEXT_ENCODER, TEXT_ENCODER_2, UNET
 from .registry import ModelSpec
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -90,10 +90,29 @@ class ComponentLoader:
         """``name`` is a pipeline attribute: text_encoder, text_encoder_2, unet, transformer or vae."""
         try:
             if self.spec.source.kind == "single_file":
-                return getattr(self._single_file_pipeline(), name)
-            return self._from_directory(name)
+                return getattr(self._single_file_pipeline(), name)  # LoRAs fused when it was loaded
+            module = self._from_directory(name)
         except (OSError, ValueError, KeyError) as exc:
             raise _wrap_errors(self.spec, name, exc) from exc
+        if any(name in lora.components for lora in self.spec.loras):
+            self._fuse_loras({name: module})
+        return module
+
+    def _fuse_loras(self, modules: dict[str, nn.Module]) -> None:
+        """The registry entry's LoRAs, fused into ``modules`` before anyone traces or runs them."""
+        from .lora import fuse_loras
+
+        unet_config = None
+        if self.spec.family == "sdxl":  # diffusers maps SDXL kohya UNet names with the UNet's config
+            unet = modules.get(UNET)
+            unet_config = dict(unet.config) if unet is not None else self._unet_config()
+        fuse_loras(self.spec.family, modules, self.spec.loras, unet_config, self.spec.id)
+
+    def _unet_config(self) -> dict[str, Any]:
+        from diffusers import UNet2DConditionModel
+
+        kwargs = _hub_kwargs(self.spec) if self.spec.source.kind == "hub" else {}
+        return dict(UNet2DConditionModel.load_config(self.spec.source.config_ref, subfolder=UNET, **kwargs))
 
     def _from_directory(self, name: str) -> nn.Module:
         from diffusers import AutoencoderKL, PixArtTransformer2DModel, UNet2DConditionModel
@@ -129,6 +148,9 @@ class ComponentLoader:
                 self.spec.source.ref, config=self.spec.source.config, torch_dtype=self.torch_dtype,
                 safety_checker=None, requires_safety_checker=False,
             )
+            if self.spec.loras:  # the whole pipeline is in memory: fuse into every component at once
+                names = (UNET, *FAMILIES[self.spec.family].text_encoders)
+                self._fuse_loras({name: getattr(self._single_file_pipe, name) for name in names})
         return self._single_file_pipe
 
     def close(self) -> None:
