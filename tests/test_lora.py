@@ -23,20 +23,23 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-def make_lora(base: Path, seed: int) -> dict[str, torch.Tensor]:
-    """A rank-4 LoRA on the tiny SD1.5's attention (UNet and text encoder), random A and B, keyed as
+def make_lora(base: Path, seed: int, text_encoders: tuple[str, ...] = ("text_encoder",)) -> dict[str, torch.Tensor]:
+    """A rank-4 LoRA on a tiny model's attention (UNet and text encoders), random A and B, keyed as
     diffusers saves it (``unet.….lora_A.weight``, ``text_encoder.….lora_B.weight``)."""
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
-    for module, targets in ((unet, UNET_TARGETS), (text_encoder, TEXT_TARGETS)):
+    classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+    modules = {"unet": UNet2DConditionModel.from_pretrained(base, subfolder="unet"),
+               **{name: classes[name].from_pretrained(base, subfolder=name) for name in text_encoders}}
+    layers = {}
+    for name, module in modules.items():
+        targets = UNET_TARGETS if name == "unet" else TEXT_TARGETS
         inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False), module)
-    layers = {"unet": get_peft_model_state_dict(unet), "text_encoder": get_peft_model_state_dict(text_encoder)}
+        layers[name] = get_peft_model_state_dict(module)
     return {f"{prefix}.{key}": value.detach().clone() * 2.0 for prefix, state in layers.items()
             for key, value in state.items()}
 
@@ -66,7 +69,8 @@ def write_registry(directory: Path, models: list[dict]) -> Path:
 def lora_dir(tiny_dir, tmp_path_factory) -> Path:
     """tiny-sd15 (linked, and as one checkpoint), ``detail.safetensors`` (diffusers format), ``style_kohya.safetensors``
     (another LoRA, kohya format) and a registry: base, base-detail (detail at 0.8), base-style and
-    file-detail (the single-file base with detail)."""
+    file-detail (the single-file base with detail); tiny-sdxl and xl-lora (a LoRA on its UNet and both
+    text encoders)."""
     from safetensors.torch import save_file
 
     directory = tmp_path_factory.mktemp("lora")
@@ -75,12 +79,17 @@ def lora_dir(tiny_dir, tmp_path_factory) -> Path:
     save_file(make_lora(tiny_dir / "tiny-sd15", seed=1), directory / "detail.safetensors",
               metadata={"ss_network_dim": "4"})
     save_file(to_kohya(make_lora(tiny_dir / "tiny-sd15", seed=2)), directory / "style_kohya.safetensors")
+    (directory / "tiny-sdxl").symlink_to(tiny_dir / "tiny-sdxl")
+    save_file(make_lora(tiny_dir / "tiny-sdxl", seed=3, text_encoders=("text_encoder", "text_encoder_2")),
+              directory / "xl.safetensors")
     write_registry(directory, [
         entry("base"),
         entry("base-detail", [{"source": "detail.safetensors", "scale": SCALE}]),
         entry("base-style", [{"source": "style_kohya.safetensors", "name": "style"}]),
         {**entry("file-detail", [{"source": "detail.safetensors", "scale": SCALE}]),
          "source": {"single_file": "tiny-sd15.safetensors", "config": "tiny-sd15"}},
+        {"id": "xl-lora", "family": "sdxl", "source": {"local": "tiny-sdxl"}, "resolutions": ["64x64"],
+         "loras": [{"source": "xl.safetensors", "scale": 0.7}]},
     ])
     return directory
 
@@ -166,6 +175,27 @@ def test_eager_fuses_kohya_lora_as_diffusers(lora_engine, reference):
     assert np.abs(image - reference["base"]).max() > 10
     _, image = ours(lora_engine["eager"], "file-detail")
     assert np.abs(image - reference["detail"]).max() <= 1
+
+
+def test_sdxl_lora_fuses_into_both_text_encoders(lora_engine, lora_dir):
+    """SDXL: the UNet, text_encoder and text_encoder_2 (eager, loaded one component at a time) equal
+    diffusers' StableDiffusionXLPipeline with the LoRA loaded and fused."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    def reference(lora: bool) -> np.ndarray:
+        pipe = StableDiffusionXLPipeline.from_pretrained(lora_dir / "tiny-sdxl", add_watermarker=False)
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        if lora:
+            pipe.load_lora_weights(lora_dir / "xl.safetensors")
+            pipe.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"], lora_scale=0.7)
+        image = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=CFG, height=64, width=64,
+                     generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+    _, image = ours(lora_engine["eager"], "xl-lora")
+    assert np.abs(image - reference(True)).max() <= 1
+    assert np.abs(image - reference(False)).max() > 10
 
 
 def test_prompt_tag_selects_the_fused_variant(lora_engine):
@@ -277,7 +307,7 @@ def test_sdapi_loras_lists_fused_loras(lora_engine, tmp_path):
     with TestClient(app) as client:
         items = client.get("/sdapi/v1/loras").json()
     by_name = {item["name"]: item for item in items}
-    assert sorted(by_name) == ["detail", "style"]
+    assert sorted(by_name) == ["detail", "style", "xl"]
     detail = by_name["detail"]
     assert detail["alias"] == "detail" and detail["path"].endswith("detail.safetensors")
     assert detail["metadata"] == {"ss_network_dim": "4"} and detail["scale"] == SCALE
