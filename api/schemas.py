@@ -110,20 +110,24 @@ class GenerationFields(_Lenient):
 class Txt2ImgRequest(GenerationFields):
     """``POST /sdapi/v1/txt2img``."""
 
-    enable_hr: bool = Field(False, description="Hires fix: not available yet; must be false.")
-    firstphase_width: int = Field(0, description="Hires fix only.")
-    firstphase_height: int = Field(0, description="Hires fix only.")
-    hr_scale: float = Field(2.0, description="Hires fix only.")
-    hr_upscaler: Optional[str] = Field(None, description="Hires fix only.")
-    hr_second_pass_steps: int = Field(0, description="Hires fix only.")
-    hr_resize_x: int = Field(0, description="Hires fix only.")
-    hr_resize_y: int = Field(0, description="Hires fix only.")
-    hr_checkpoint_name: Optional[str] = Field(None, description="Hires fix only.")
-    hr_sampler_name: Optional[str] = Field(None, description="Hires fix only.")
-    hr_scheduler: Optional[str] = Field(None, description="Hires fix only.")
-    hr_prompt: str = Field("", description="Hires fix only.")
-    hr_negative_prompt: str = Field("", description="Hires fix only.")
-    firstpass_image: Optional[str] = Field(None, description="Hires fix only.")
+    enable_hr: bool = Field(False, description="Hires fix: generate at width x height, upscale, then img2img at the "
+                                               "larger size with denoising_strength (default 0.7). On fixed-shape "
+                                               "backends both sizes must be compiled.")
+    firstphase_width: int = Field(0, description="Deprecated in A1111; accepted and ignored.")
+    firstphase_height: int = Field(0, description="Deprecated in A1111; accepted and ignored.")
+    hr_scale: float = Field(2.0, description="Hires fix: the second pass is this many times larger (1 to 4), "
+                                             "unless hr_resize_x/y give its size.")
+    hr_upscaler: Optional[str] = Field(None, description="Hires fix: Latent (default), Latent (nearest), Lanczos or "
+                                                         "Nearest.")
+    hr_second_pass_steps: int = Field(0, description="Hires fix: steps of the second pass (0: the same as steps).")
+    hr_resize_x: int = Field(0, description="Hires fix: the second pass's width (0: from hr_scale).")
+    hr_resize_y: int = Field(0, description="Hires fix: the second pass's height (0: from hr_scale).")
+    hr_checkpoint_name: Optional[str] = Field(None, description="Not available here: must be null.")
+    hr_sampler_name: Optional[str] = Field(None, description="Not available here: must be null.")
+    hr_scheduler: Optional[str] = Field(None, description="Not available here: must be null or Automatic.")
+    hr_prompt: str = Field("", description="Not available here: must be empty (the second pass uses the prompt).")
+    hr_negative_prompt: str = Field("", description="Not available here: must be empty.")
+    firstpass_image: Optional[str] = Field(None, description="Not available here: must be null.")
 
 
 class Img2ImgRequest(GenerationFields):

@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
-from engine import (Cancelled, Engine, GeneratedImage, GenerateRequest, GenerateResult, ModelInfo, OutputStore,
-                    RateLimiter, Size, UnknownModel)
+from engine import (Cancelled, Engine, GeneratedImage, GenerateRequest, GenerateResult, HiresFix, ModelInfo,
+                    OutputStore, RateLimiter, Size, UnknownModel)
 from engine.samplers import canonical_sampler
 from engine.types import RESIZE_MODES
 
@@ -57,7 +57,12 @@ _NOT_AVAILABLE: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("refiner_checkpoint", bool, "the SDXL refiner is not available here; send null"),
     ("script_name", bool, "A1111 scripts are not available here; send null"),
     ("alwayson_scripts", bool, "A1111 extensions (ControlNet, ADetailer, ...) are not available here; send {}"),
-    ("enable_hr", bool, "hires fix is not available yet; generate at a compiled size and upscale separately"),
+    ("hr_checkpoint_name", bool, "a different model for the hires pass is not available here; send null"),
+    ("hr_sampler_name", bool, "a different sampler for the hires pass is not available here; send null"),
+    ("hr_scheduler", lambda v: (v or "automatic").lower() != "automatic", "not available here; send null"),
+    ("hr_prompt", bool, "a different prompt for the hires pass is not available here; send \"\""),
+    ("hr_negative_prompt", bool, "a different negative prompt for the hires pass is not available here; send \"\""),
+    ("firstpass_image", bool, "a given first pass is not available here; send null"),
     ("mask", bool, "inpainting is not available yet; send null"),
     ("latent_mask", bool, "inpainting is not available yet; send null"),
     ("resize_mode", lambda v: v == 3, "3 (just resize, latent upscale) is not available here; use 0, 1 or 2"),
@@ -113,7 +118,8 @@ class Generation:
             "sd_model_name": first.model if first else part.model, "sd_model_hash": None,
             "sd_vae_name": None, "sd_vae_hash": None,
             "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-            "denoising_strength": part.strength if self.mode == "img2img" else None,
+            "denoising_strength": (part.strength if self.mode == "img2img"
+                                   else part.hires.strength if part.hires is not None else None),
             "extra_generation_params": {}, "index_of_first_image": 0,
             "infotexts": [image.infotext for image in self.images],
             "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(self.started)),
@@ -196,8 +202,25 @@ def plan_requests(ctx: ApiContext, request: GenerationFields, mode: str) -> list
                            sampler=sampler, steps=request.steps, cfg_scale=request.cfg_scale, seed=seed,
                            size=size, num_images=request.batch_size)
     if mode == "txt2img":
+        base = replace(base, hires=hires_of(request))
         return [replace(base, seed=seed + i * request.batch_size) for i in range(request.n_iter)]
     return _img2img_parts(ctx, request, base)
+
+
+def hires_of(request: Any) -> Optional[HiresFix]:
+    """A1111's hires fields (``enable_hr``, ``hr_scale`` or ``hr_resize_x/y``, ``hr_upscaler``,
+    ``hr_second_pass_steps``, ``denoising_strength``) as the engine's ``HiresFix``."""
+    if not request.enable_hr:
+        return None
+    size = None
+    if request.hr_resize_x or request.hr_resize_y:
+        width, height = request.width or 0, request.height or 0  # a missing one follows the aspect ratio
+        x = request.hr_resize_x or (request.hr_resize_y * width // height if height else request.hr_resize_y)
+        y = request.hr_resize_y or (request.hr_resize_x * height // width if width else request.hr_resize_x)
+        size = Size(x, y)
+    strength = HiresFix.strength if request.denoising_strength is None else request.denoising_strength
+    return HiresFix(scale=request.hr_scale, upscaler=request.hr_upscaler or "Latent",
+                    steps=request.hr_second_pass_steps or None, strength=strength, size=size)
 
 
 def _img2img_parts(ctx: ApiContext, request: Any, base: GenerateRequest) -> list[GenerateRequest]:

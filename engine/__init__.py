@@ -3,16 +3,17 @@ from .engine import Engine, EngineSettings, LoraInfo, ModelInfo, ReplicaTarget
 from .errors import (ArtifactCorrupt, ArtifactMismatch, ArtifactMissing, BackendUnavailable, Cancelled, CompileError,
                      EngineError, InvalidRequest, ModelLoadError, OutputWriteError, RegistryError, UnknownModel,
                      UnknownSampler, ReplicaUnavailable, UnsupportedResolution)
+from .hires import UPSCALERS as HIRES_UPSCALERS
 from .outputs import OutputStore
 from .ratelimit import RateLimited, RateLimiter, client_key
 from .registry import Registry, load_registry
 from .scheduler import Job, QueueSnapshot
-from .types import GeneratedImage, GenerateRequest, GenerateResult, Progress, Size, VariantKey
+from .types import GeneratedImage, GenerateRequest, GenerateResult, HiresFix, Progress, Size, VariantKey
 
 __all__ = [
     "Engine", "EngineSettings", "LoraInfo", "ModelInfo", "ReplicaTarget", "Registry", "load_registry", "Job", "QueueSnapshot", "OutputStore",
-    "GenerateRequest", "GenerateResult", "GeneratedImage", "Progress", "Size", "VariantKey",
+    "GenerateRequest", "GenerateResult", "GeneratedImage", "HiresFix", "Progress", "Size", "VariantKey",
     "EngineError", "RegistryError", "UnknownModel", "UnsupportedResolution", "InvalidRequest", "UnknownSampler",
     "ArtifactMissing", "ArtifactMismatch", "ArtifactCorrupt", "BackendUnavailable", "ReplicaUnavailable", "ModelLoadError",
-    "CompileError", "OutputWriteError", "Cancelled", "RateLimited", "RateLimiter", "client_key",
+    "CompileError", "HIRES_UPSCALERS", "OutputWriteError", "Cancelled", "RateLimited", "RateLimiter", "client_key",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -27,7 +27,7 @@ from .preview import latent_preview
 from .prompts import truncation_notices
 from .samplers import seed_scheduler
 from .scheduler import Job
-from .types import GeneratedImage, GenerateRequest, GenerateResult, Progress
+from .types import GeneratedImage, GenerateRequest, GenerateResult, Progress, Size
 
 
 @dataclass(frozen=True)
@@ -70,19 +70,28 @@ class BatchRun:
 
     ``describe(request, resolved, seed)`` is the infotext of one image; ``kwargs(rows)`` the
     pipeline arguments of one call (prompts, generators, init images for those rows).
+    A pass that feeds another (hires fix's first pass) has no ``describe``: each row's raw pipeline
+    output is kept in ``outputs`` instead of becoming an image. ``mode``, ``size`` and ``rows``
+    override what the jobs' requests say (a second pass runs img2img at another size, on the rows
+    the first pass finished).
     """
 
     def __init__(self, jobs: list[Job], warm: WarmPipeline, rows_per_call: int,
-                 describe: Callable[[Any, int], str], kwargs: Callable[[list[Row]], dict[str, Any]],
-                 preview_every: int = 0):
+                 describe: Optional[Callable[[Any, int], str]], kwargs: Callable[[list[Row]], dict[str, Any]],
+                 preview_every: int = 0, *, mode: Optional[str] = None, size: Optional[Size] = None,
+                 rows: Optional[list[Row]] = None):
         self.jobs, self.warm, self.rows_per_call = jobs, warm, max(1, rows_per_call)
         self.describe, self.kwargs, self.preview_every = describe, kwargs, preview_every
+        self.mode = mode or jobs[0].payload.request.mode
+        self.size = size or jobs[0].payload.resolved.size
         self.previews: dict[Job, Any] = {}  # job -> its latest live preview (PIL image)
-        self.rows = [Row(job, i, job.payload.resolved.seed + i) for job in jobs
-                     for i in range(job.payload.request.num_images)]
+        self.rows = rows if rows is not None else [Row(job, i, job.payload.resolved.seed + i) for job in jobs
+                                                    for i in range(job.payload.request.num_images)]
+        self.outputs: dict[Row, Any] = {}  # without ``describe``: row -> its pipeline output
         self.images: dict[Job, list[GeneratedImage]] = {job: [] for job in jobs}
         self.left: dict[Job, str] = {}  # job -> why it left the batch ("interrupted")
         self.clock = Clock()
+        self.load_s = 0.0  # how long its caller waited for the warm pipeline
 
     @property
     def work(self) -> Any:
@@ -96,7 +105,7 @@ class BatchRun:
 
     def _call(self, rows: list[Row]) -> None:
         resolved = self.work.resolved
-        pipe = self.warm.view(self.work.request.mode, resolved.sampler)
+        pipe = self.warm.view(self.mode, resolved.sampler)
         seed_scheduler(pipe.scheduler, [row.seed for row in rows])
         callback = _BatchCallback(self, rows)
         self.clock.start()
@@ -108,6 +117,9 @@ class BatchRun:
             self.clock.finish()
         for row, image in zip(rows, output.images):
             if row.job in self.left or row.job in callback.skipped:
+                continue
+            if self.describe is None:
+                self.outputs[row] = image
                 continue
             infotext = self.describe(row.job.payload, row.seed)
             self.images[row.job].append(GeneratedImage(image, row.seed, infotext, png_with_parameters(image, infotext)))
@@ -126,7 +138,7 @@ class BatchRun:
         resolved = job.payload.resolved
         notices = truncation_notices(self.warm.components["tokenizer"], request.prompt, request.negative_prompt,
                                      self.warm.family.text_length)
-        return GenerateResult(request, resolved.spec.id, resolved.size, resolved.sampler, resolved.steps,
+        return GenerateResult(request, resolved.spec.id, self.size, resolved.sampler, resolved.steps,
                               resolved.cfg_scale, resolved.seed, tuple(self.images[job]),
                               {**timings, "batch_requests": float(len(self.jobs))}, notices)
 
@@ -167,7 +179,7 @@ class _BatchCallback:
 
     def _preview(self, latents: Any) -> None:
         """Each job's first image in this call, as the cheap latent -> RGB approximation."""
-        size = self.run.work.resolved.size
+        size = self.run.size
         for job in self.jobs:
             row = next(i for i, r in enumerate(self.rows) if r.job is job)
             self.run.previews[job] = latent_preview(latents[row], self.run.warm.spec.family, (size.width, size.height))

@@ -15,6 +15,7 @@ from .backends.base import Backend
 from .batching import BatchRun, Row, generators, per_row
 from .compile import expected_fingerprint
 from .errors import InvalidRequest, UnsupportedResolution
+from .hires import HiresPlan, plan_hires, second_pass_images
 from .images import fit_image
 from .infotext import format_infotext
 from .pipelines import WarmPipeline, load_compiled, load_eager, warm_up
@@ -111,6 +112,7 @@ class _Resolved:
     cfg_scale: float
     size: Size
     seed: int
+    hires: Optional[HiresPlan] = None
 
 
 @dataclass(frozen=True)
@@ -386,25 +388,52 @@ class Engine:
             self.pool.ensure_replicas(load.key, load.replicas)
             return [self.pool.ensure(load.key)]
         resolved: _Resolved = jobs[0].payload.resolved
-        key = self._key(resolved.spec, resolved.size)
+        started = time.perf_counter()
+        describe = self._describe if resolved.hires is None else None  # a hires first pass keeps its outputs
+        run = self._run_pass(jobs, resolved.size, describe, self._call_kwargs)
+        runs = [run] if resolved.hires is None else [run, self._second_pass(run, resolved.hires)]
+        timings = {
+            "load_s": sum(r.load_s for r in runs),
+            "total_s": time.perf_counter() - started,
+            "denoise_s": sum(r.clock.denoise_s for r in runs),
+            "decode_s": sum(r.clock.decode_s for r in runs),
+            "steps_run": float(sum(r.clock.steps for r in runs)),
+        }
+        return [(run if job in run.left else runs[-1]).outcome(job, timings) for job in jobs]
+
+    def _run_pass(self, jobs: list[Job[Any]], size: Size, describe: Optional[Callable[..., str]],
+                  kwargs: Callable[[list[Row]], dict[str, Any]], **overrides: Any) -> BatchRun:
+        """One pipeline pass over ``jobs`` on the warm variant at ``size`` (leased; loaded first if
+        it is not warm). ``overrides``: BatchRun's ``mode`` / ``rows`` for a second pass."""
+        spec = jobs[0].payload.resolved.spec
+        key = self._key(spec, size)
         started = time.perf_counter()
         was_warm = self.pool.is_warm(key)
         with self.pool.lease(key) as warm:
-            leased = time.perf_counter()
-            run = BatchRun(jobs, warm, self._rows_per_call(resolved.spec), self._describe, self._call_kwargs,
-                           self.preview_every)
+            run = BatchRun(jobs, warm, self._rows_per_call(spec), describe, kwargs, self.preview_every, size=size,
+                           **overrides)
+            run.load_s = 0.0 if was_warm else time.perf_counter() - started
             if len(jobs) > 1:
                 log.info("running %d requests in one batch (%d images) on %s", len(jobs), len(run.rows), key)
             with warm.lock:
                 run.run()
-        timings = {
-            "load_s": 0.0 if was_warm else leased - started,
-            "total_s": time.perf_counter() - started,
-            "denoise_s": run.clock.denoise_s,
-            "decode_s": run.clock.decode_s,
-            "steps_run": float(run.clock.steps),
-        }
-        return [run.outcome(job, timings) for job in jobs]
+        return run
+
+    def _second_pass(self, first: BatchRun, plan: HiresPlan) -> BatchRun:
+        """Hires fix: the rows the first pass finished, upscaled, denoised again at ``plan.size``."""
+        jobs = [job for job in first.jobs if job not in first.left]
+        if not jobs:
+            return first
+
+        def kwargs(rows: list[Row]) -> dict[str, Any]:
+            args = self._call_kwargs(rows)
+            del args["width"], args["height"]
+            args.update(image=second_pass_images([first.outputs[row] for row in rows], plan), strength=plan.strength,
+                        num_inference_steps=plan.steps, output_type="pil")
+            return args
+
+        rows = [row for row in first.rows if row in first.outputs]
+        return self._run_pass(jobs, plan.size, self._describe, kwargs, mode="img2img", rows=rows)
 
     def batch_limit(self, model: Optional[str] = None) -> int:
         """Images one device call makes for ``model`` (default: the default model) on this backend."""
@@ -420,7 +449,7 @@ class Engine:
             return None
         r, request = payload.resolved, payload.request
         strength = request.strength if request.init_image is not None else None
-        return (r.spec.id, r.size, request.mode, r.sampler, r.steps, r.cfg_scale, strength)
+        return (r.spec.id, r.size, request.mode, r.sampler, r.steps, r.cfg_scale, strength, r.hires)
 
     def _batch_limit(self, payload: Any) -> int:
         return self._rows_per_call(payload.resolved.spec) if isinstance(payload, _Work) else 1
@@ -441,7 +470,8 @@ class Engine:
             "guidance_scale": resolved.cfg_scale,
             # row i of a request is what plain diffusers makes with Generator("cpu").manual_seed(seed + i)
             "generator": generators(rows),
-            "output_type": "pil",
+            # a hires first pass upscaling latents is not decoded
+            "output_type": "latent" if resolved.hires is not None and resolved.hires.on_latents else "pil",
         }
         if first.request.init_image is not None:
             images = [fit_image(w.request.init_image, resolved.size, w.request.resize_mode) for w in works]
@@ -475,7 +505,23 @@ class Engine:
         seed = request.seed if request.seed not in (-1, None) else random.SystemRandom().randrange(MAX_SEED)
         _check_range("seed", seed, 0, MAX_SEED, whole=True)
         size = self._check_size(spec, request.size or spec.default_size)
-        return _Resolved(spec, sampler, int(steps), cfg, size, int(seed))
+        hires = self._plan_hires(spec, request, size, int(steps)) if request.hires is not None else None
+        return _Resolved(spec, sampler, int(steps), cfg, size, int(seed), hires)
+
+    def _plan_hires(self, spec: ModelSpec, request: GenerateRequest, size: Size, steps: int) -> HiresPlan:
+        if request.init_image is not None:
+            raise InvalidRequest("hires fix is for txt2img; for a larger img2img result, ask for a larger size")
+        if not FAMILIES[spec.family].has_img2img:
+            raise InvalidRequest(f"hires fix is not available for {spec.id}: its second pass is img2img, which the "
+                                 f"{spec.family} family does not have")
+
+        def second_size(target: Size) -> Size:
+            try:
+                return self._check_size(spec, target)
+            except UnsupportedResolution as exc:
+                raise UnsupportedResolution(f"hires fix to {target}: {exc}") from None
+
+        return plan_hires(request.hires, size, steps, _check_range, second_size)
 
     def _check_size(self, spec: ModelSpec, size: Size) -> Size:
         """A valid size (multiples of 8, at least 64; at most ``EAGER_MAX_SIDE`` on eager) that the
@@ -519,6 +565,7 @@ def _infotext(request: GenerateRequest, resolved: _Resolved, seed: int, backend:
         # A1111's Lora hashes (name: short hash); the fused LoRAs shape every image of the model
         "Lora hashes": ", ".join(f"{lora.name}: {lora.short_hash}" for lora in resolved.spec.loras) or None,
         "Denoising strength": request.strength if request.init_image is not None else None,
+        **(resolved.hires.infotext() if resolved.hires is not None else {}),
         "Backend": backend,
     }
     return format_infotext(request.prompt, request.negative_prompt, params)

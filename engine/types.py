@@ -65,6 +65,19 @@ class ReplicaKey:
 
 
 @dataclass(frozen=True)
+class HiresFix:
+    """A1111's hires fix for txt2img: make the image at the request's size, upscale it ``scale``
+    times (or to ``size``) with ``upscaler``, then denoise it again there as img2img with ``strength``
+    for ``steps`` (None: the request's steps). Fixed-shape backends need both sizes compiled."""
+
+    scale: float = 2.0
+    upscaler: str = "Latent"
+    steps: Optional[int] = None
+    strength: float = 0.7
+    size: Optional[Size] = None
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
     """Everything one generation needs. ``None`` fields take the model's registry defaults.
 
@@ -84,6 +97,7 @@ class GenerateRequest:
     init_image: Optional["Image.Image"] = None
     strength: float = 0.75
     resize_mode: str = "just resize"
+    hires: Optional[HiresFix] = None  # txt2img only
 
     @property
     def mode(self) -> str:

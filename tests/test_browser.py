@@ -196,3 +196,17 @@ def test_the_gallery_shows_a_live_preview_while_generating(page, screenshots):
     page.screenshot(path=str(screenshots / "preview.png"))
     page.locator("#txt2img_interrupt").click()
     expect(page.locator("#txt2img_stats")).to_contain_text("Interrupted")
+
+
+def test_hires_fix_from_the_accordion(page, screenshots):
+    page.locator("#txt2img_prompt textarea").fill("a hires square")
+    set_number(page, "txt2img_steps", 3)
+    set_number(page, "txt2img_batch_count", 1)
+    page.locator("#txt2img_hr").get_by_text("Hires. fix").first.click()
+    page.locator("#txt2img_enable_hr input[type=checkbox]").check()
+    pick(page, "txt2img_hr_resize", "64x96")
+    page.locator("#txt2img_generate").click()
+    expect(page.locator("#txt2img_info textarea")).to_have_value(re.compile(r"Hires resize: 64x96, Hires upscaler: Latent"))
+    expect(page.locator("#txt2img_stats")).to_contain_text("64x96")
+    page.screenshot(path=str(screenshots / "hires-fix-tiny.png"))
+    page.locator("#txt2img_enable_hr input[type=checkbox]").uncheck()

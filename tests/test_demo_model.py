@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import Engine, EngineSettings, GenerateRequest
+from engine import Engine, EngineSettings, GenerateRequest, Size
 from engine.backends import make_backend
 from engine.compile import compile_all
 from engine.registry import DEFAULT_REGISTRY, Registry, load_registry
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(
 def demo_only_registry(artifacts_dir: Path, source_dir: Path | None = None) -> Registry:
     """The shipped registry's demo entry alone, compiling into ``artifacts_dir``."""
     registry = load_registry(DEFAULT_REGISTRY)
-    spec = registry.get(DEMO)
+    spec = dataclasses.replace(registry.get(DEMO), resolutions=(Size(64, 64),))  # the size it was trained at
     if source_dir is not None:
         spec = dataclasses.replace(spec, source=dataclasses.replace(spec.source, ref=str(source_dir)))
     return dataclasses.replace(registry, artifacts_dir=artifacts_dir, models=(spec,), default_model=DEMO)

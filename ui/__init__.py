@@ -72,6 +72,7 @@ def build_app(engine: "Engine", settings: "AppSettings", outputs: Optional["Outp
     from engine import OutputStore
 
     from .common import AppContext, Interrupts, model_defaults_updates, resolution_choices
+    from .hires import FROM_SCALE, resize_choices
 
     ctx = AppContext(engine=engine, outputs=outputs or OutputStore(settings.outputs), interrupts=Interrupts(),
                      concurrency=settings.concurrency, limiter=limiter)
@@ -93,18 +94,22 @@ def build_app(engine: "Engine", settings: "AppSettings", outputs: Optional["Outp
             pnginfo.build(ctx, tabs, model, t2i, i2i)
             models.build(ctx)
 
-        def resolutions(model_id: str, t2i_size: str, i2i_size: str) -> tuple[Any, Any]:
+        def resolutions(model_id: str, t2i_size: str, i2i_size: str, hires_size: str) -> tuple[Any, ...]:
             """A new model offers its own compiled sizes (keeping the chosen one if it has it)."""
-            sizes = resolution_choices(ctx.model_info(model_id), ctx.fixed_shape)
-            return tuple(gr.update(choices=sizes, value=value if value in sizes else (sizes[0] if sizes else None))
-                         for value in (t2i_size, i2i_size))
+            info = ctx.model_info(model_id)
+            sizes = resolution_choices(info, ctx.fixed_shape)
+            resize = resize_choices(info, ctx.fixed_shape)
+            return (*(gr.update(choices=sizes, value=value if value in sizes else (sizes[0] if sizes else None))
+                      for value in (t2i_size, i2i_size)),
+                    gr.update(choices=resize, value=hires_size if hires_size in resize else FROM_SCALE))
 
         def defaults(model_id: str) -> dict[Any, Any]:
             """Picking a model fills in its registry defaults (sampler, steps, CFG, size)."""
             return {**model_defaults_updates(ctx, t2i, model_id), **model_defaults_updates(ctx, i2i, model_id)}
 
-        model.change(resolutions, inputs=[model, t2i.resolution, i2i.resolution],
-                     outputs=[t2i.resolution, i2i.resolution], api_visibility="private", queue=False)
+        model.change(resolutions, inputs=[model, t2i.resolution, i2i.resolution, t2i.hires.resize_to],
+                     outputs=[t2i.resolution, i2i.resolution, t2i.hires.resize_to], api_visibility="private",
+                     queue=False)
         model.input(defaults, inputs=model, api_visibility="private", queue=False,
                     outputs=[t2i.width, t2i.height, t2i.sampler, t2i.steps, t2i.cfg_scale,
                              i2i.width, i2i.height, i2i.sampler, i2i.steps, i2i.cfg_scale])
