@@ -76,10 +76,10 @@ def detect_format(keys: Sequence[str]) -> tuple[str, tuple[str, ...]]:
         raise LoraFormatError(f"a LyCORIS network (LoHa / LoKr / DoRA / full diff, e.g. {lycoris[0]}), which "
                               "diffusers' LoRA loader does not read; convert it to a plain LoRA (lora_down / "
                               "lora_up) or use a kohya or diffusers LoRA")
+    weights = [key for key in keys if not key.endswith(".alpha")]  # kohya's alphas are scalars beside them
     for fmt, prefixes in (("kohya", _KOHYA_PREFIXES), ("diffusers", _DIFFUSERS_PREFIXES)):
-        found = {component for key in keys for prefix, component in prefixes.items() if key.startswith(prefix)}
-        if len(found) and all(key.startswith(tuple(prefixes)) for key in keys) and all("lora" in k for k in keys
-                                                                                       if not k.endswith(".alpha")):
+        if all(key.startswith(tuple(prefixes)) for key in keys) and all("lora" in key for key in weights):
+            found = {component for key in keys for prefix, component in prefixes.items() if key.startswith(prefix)}
             return fmt, tuple(sorted(found))
     raise LoraFormatError(
         f"not a LoRA in kohya/A1111 format (tensors named lora_unet_… / lora_te_…) or diffusers/peft format "

@@ -312,3 +312,33 @@ def test_sdapi_loras_lists_fused_loras(lora_engine, tmp_path):
     assert detail["alias"] == "detail" and detail["path"].endswith("detail.safetensors")
     assert detail["metadata"] == {"ss_network_dim": "4"} and detail["scale"] == SCALE
     assert detail["models"] == ["base-detail", "file-detail"] and len(detail["hash"]) == 12
+
+
+@pytest.mark.parametrize("keys, expected", [
+    (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",
+      "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight",
+      "lora_unet_down_blocks_0_attentions_0_proj_in.alpha"], ("kohya", ("unet",))),
+    (["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
+      "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"], ("kohya", ("text_encoder", "text_encoder_2"))),
+    (["unet.down_blocks.0.attentions.0.processor.to_q_lora.down.weight",  # diffusers' older attention-processor form
+      "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight"],
+     ("diffusers", ("text_encoder", "unet"))),
+    (["text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"], ("diffusers", ("text_encoder_2",))),
+])
+def test_detect_format(keys, expected):
+    from engine.lora import detect_format
+
+    assert detect_format(keys) == expected
+
+
+@pytest.mark.parametrize("keys, expected", [
+    ([], "no tensors"),
+    (["base_model.model.down_blocks.0.attentions.0.proj_in.lora_A.weight"], "its tensors are named like: base_model"),
+    (["unet.down_blocks.0.attentions.0.proj_in.weight"], "not a LoRA"),  # a UNet's own weights
+    (["lora_unet_down_blocks_0_resnets_0_conv1.lokr_w1"], "LyCORIS"),
+])
+def test_detect_format_refuses(keys, expected):
+    from engine.lora import LoraFormatError, detect_format
+
+    with pytest.raises(LoraFormatError, match=expected):
+        detect_format(keys)
