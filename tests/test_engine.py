@@ -296,3 +296,20 @@ def test_a_fractional_cfg_scale_is_used_as_given(cpu_engine):
     assert "CFG scale: 6.5" in half.infotext
     assert np.abs(pixels(half.image) - pixels(six.image)).max() > 0
     assert np.abs(pixels(half.image) - pixels(seven.image)).max() > 0
+
+
+# (kept out of test_scheduler.py: mutation testing runs that file per mutant, and cpu_engine compiles)
+def test_engine_generation_runs_on_the_device_worker_and_reports_progress(cpu_engine):
+    """The engine's jobs run on its worker thread whatever thread submits them."""
+    seen_threads = set()
+    steps = []
+
+    def on_progress(p):
+        seen_threads.add(threading.current_thread().name)
+        steps.append(p.step)
+
+    job = cpu_engine.submit(GenerateRequest(model="tiny-sd15", prompt="a circle", steps=3, seed=1),
+                            owner="t", on_progress=on_progress)
+    result = job.result(60)
+    assert steps == [1, 2, 3] and seen_threads == {"device-worker-0"}
+    assert job.progress.step == 3 and result.images[0].seed == 1

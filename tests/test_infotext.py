@@ -49,6 +49,7 @@ def test_prompt_only_text_has_no_parameters():
     ('say "hi"', '"say \\"hi\\""'),          # a quote alone is quoted and escaped
     ("two\nlines", '"two\\nlines"'),          # a newline alone is quoted and escaped
     ("a, b", '"a, b"'),                       # a comma alone is quoted
+    ("detail: 0123abcd", '"detail: 0123abcd"'),  # a colon alone is quoted (A1111's Lora hashes)
     ('back\\slash, "q"', '"back\\\\slash, \\"q\\""'),
     ("plain", "plain"),                       # nothing to protect: written as is
     (6.5, "6.5"), (7.0, "7"),

@@ -7,6 +7,7 @@ test_neuron_contract.py).
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 
 import pytest
@@ -325,3 +326,63 @@ def test_a_pair_where_a_replica_failed_is_skipped_and_its_cores_freed():
     # busy replicas do not retry the broken pair either: the target of 4 is capped at the 3 that work
     with pool.lease(key("a")), pool.lease(key("a")), pool.lease(key("a")), pool.lease(key("a")):
         assert attempts == [0, 1, 2, 3]
+
+
+def test_cores_busy_names_every_model_in_use_or_other_holders():
+    pool, plan, loads, evictions = make_pool(2, {"a": SD21_FP32, "b": SD21_FP32, "c": SD21_FP32, "xl": SDXL_FP32})
+    with pool.lease(key("a")), pool.lease(key("b")), pool.lease(key("c")):
+        with pytest.raises(CoresBusy) as info:
+            use(pool, "xl")
+    assert str(info.value) == ("no NeuronCore pair has room for xl@512x512 while a@512x512, b@512x512, c@512x512 are "
+                               "in use; try again when a running request finishes")
+    assert pool.unload(key("a")) + pool.unload(key("b")) + pool.unload(key("c")) == 3
+    plan.place(ReplicaKey(key("c")))  # cores reserved outside the pool
+    with pytest.raises(CoresBusy) as info:
+        use(pool, "xl")
+    assert str(info.value) == ("no NeuronCore pair has room for xl@512x512 while other models are in use; try again "
+                               "when a running request finishes")
+    assert evictions == ["a", "b", "c"]
+
+
+def test_a_replica_being_loaded_is_listed_with_its_cores():
+    plan = CorePlan(cores(4), lambda k: SDXL_FP32)
+    started, release = threading.Event(), threading.Event()
+
+    def loader(r):
+        started.set()
+        assert release.wait(10)
+        return Record(r, device_ids=plan.placement(r).device_ids)
+
+    pool = WarmPool(loader, 2, core_plan=plan)
+    thread = threading.Thread(target=pool.ensure, args=(key("a"),))
+    thread.start()
+    assert started.wait(10)
+    try:
+        assert [(i.key, i.device_ids, i.replica) for i in pool.loading()] == [(key("a"), (0, 1), 0)]
+    finally:
+        release.set()
+        thread.join(10)
+    assert pool.loading() == [] and pool.snapshot()[0].device_ids == (0, 1)
+
+
+def test_a_failed_replica_caps_the_busy_leases_until_an_eviction_forgets_its_pair():
+    plan = CorePlan(cores(8), lambda k: SDXL_FP32)
+    broken, attempts = {1}, []
+
+    def loader(r):
+        pair = plan.placement(r).pair_index
+        attempts.append(pair)
+        if pair in broken:
+            raise RuntimeError(f"NRT: pair {pair} is broken")
+        return Record(r, device_ids=plan.placement(r).device_ids)
+
+    pool = WarmPool(loader, 2, core_plan=plan, replicas={key("a"): 2}.get)
+    with pool.lease(key("a")), pool.lease(key("a")):
+        pass  # replica 1 failed on pair 1: the second lease shares replica 0, and no other pair is tried
+    assert attempts == [0, 1] and [i.replica for i in pool.snapshot()] == [0]
+    assert pool.unload(key("a")) == 1  # evicted: its failed pair is forgotten with it
+    broken.clear()
+    with pool.lease(key("a")), pool.lease(key("a")):
+        pass
+    assert attempts == [0, 1, 0, 1]
+    assert sorted(i.device_ids for i in pool.snapshot()) == [(0, 1), (2, 3)]

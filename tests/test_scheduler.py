@@ -147,24 +147,6 @@ def test_two_workers_run_two_jobs_at_once():
         scheduler.close()
 
 
-def test_engine_generation_runs_on_the_device_worker_and_reports_progress(cpu_engine):
-    """The engine's jobs run on its worker thread whatever thread submits them."""
-    from engine import GenerateRequest
-
-    seen_threads = set()
-    steps = []
-
-    def on_progress(p):
-        seen_threads.add(threading.current_thread().name)
-        steps.append(p.step)
-
-    job = cpu_engine.submit(GenerateRequest(model="tiny-sd15", prompt="a circle", steps=3, seed=1),
-                            owner="t", on_progress=on_progress)
-    result = job.result(60)
-    assert steps == [1, 2, 3] and seen_threads == {"device-worker-0"}
-    assert job.progress.step == 3 and result.images[0].seed == 1
-
-
 class Recorder:
     """Executes batches of (kind, rows) payloads, recording each batch; ("block", 1) waits for release."""
 
@@ -217,3 +199,56 @@ def test_a_worker_waits_for_more_jobs_only_while_the_batch_is_not_full():
         assert full.result(5) == "full" and time.monotonic() - started < 0.6
     finally:
         scheduler.close()
+
+
+def test_wait_says_whether_the_job_is_done(gate_scheduler):
+    gate, scheduler = gate_scheduler
+    job = scheduler.submit("block")
+    assert job.wait(0.05) is False and job.state in ("queued", "running")
+    gate.release.set()
+    assert job.wait(5) is True and job.state == "done" and job.id == "job-1" and job.number == 1
+    later = scheduler.submit("b")
+    assert later.id == "job-2" and later.progress is None
+    later.report("step 1 of 2")
+    assert later.progress == "step 1 of 2"
+
+
+def test_listeners_see_each_outcome_before_the_caller_and_a_failing_one_is_ignored(gate_scheduler, caplog):
+    _, scheduler = gate_scheduler
+    seen = []
+
+    def broken(job, outcome):
+        raise ValueError("listener bug")
+
+    def record(job, outcome):
+        seen.append((job.payload, outcome if isinstance(outcome, str) else str(outcome), job.future.done()))
+
+    scheduler.add_listener(broken)
+    scheduler.add_listener(record)
+    assert scheduler.submit("a").result(5) == "A"
+    with pytest.raises(RuntimeError):
+        scheduler.submit("fail").result(5)
+    assert seen == [("a", "A", False), ("fail", "work failed", False)]
+    assert [r.getMessage() for r in caplog.records if r.name == "engine.scheduler"] == ["a job listener failed"] * 2
+
+
+def test_ensure_workers_adds_named_threads_up_to_the_count_and_none_once_closed():
+    gate = Gate()
+    scheduler = Scheduler(gate, workers=1, name="dev")
+    try:
+        scheduler.ensure_workers(3)
+        scheduler.ensure_workers(2)  # never fewer
+        assert scheduler.workers == 3
+        assert [t.name for t in scheduler._threads] == ["dev-worker-0", "dev-worker-1", "dev-worker-2"]
+        assert all(t.daemon and t.is_alive() for t in scheduler._threads)
+        jobs = [scheduler.submit("block") for _ in range(3)]
+        for job in jobs:
+            _wait_running(job)  # three at once
+        gate.release.set()
+    finally:
+        gate.release.set()
+        scheduler.close()
+    scheduler.ensure_workers(5)
+    assert scheduler.workers == 3
+    with pytest.raises(ValueError, match="^a scheduler needs at least one worker$"):
+        Scheduler(gate, workers=0)
