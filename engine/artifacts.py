@@ -90,12 +90,19 @@ def variant_status(directory: Path, expected_fingerprint: str) -> VariantStatus:
     if manifest.get("fingerprint") != expected_fingerprint:
         return VariantStatus("stale", _stale_reason(manifest))
     for name, entry in manifest.get("components", {}).items():
-        path = directory / entry["file"]
-        if not path.is_file() or path.stat().st_size != entry["bytes"]:
-            return VariantStatus("stale", f"{name} file is missing or changed")
-        if _checked.get(_identity(path)) is False:
-            return VariantStatus("broken", f"{name} content does not match its sha256")
+        for file in files_of(entry):
+            path = directory / file["file"]
+            if not path.is_file() or path.stat().st_size != file["bytes"]:
+                return VariantStatus("stale", f"{name} file is missing or changed")
+            if _checked.get(_identity(path)) is False:
+                return VariantStatus("broken", f"{name} content does not match its sha256")
     return VariantStatus("compiled")
+
+
+def files_of(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The files of a manifest component: its own and, sharded over NeuronCores, the other ranks'
+    (``shards``), each with ``file``, ``bytes`` and ``sha256``."""
+    return [entry, *entry.get("shards", ())]
 
 
 def _stale_reason(manifest: dict[str, Any]) -> str:
@@ -133,16 +140,19 @@ def verify_checksums(directory: Path, manifest: dict[str, Any], *, force: bool =
     remembered = {} if force else _read_verified(directory)
     broken = []
     for name, entry in manifest["components"].items():
-        path = directory / entry["file"]
-        identity = _identity(path)
-        known = None if force else _known(identity, remembered.get(entry["file"]))
-        if known is None:
-            known = sha256_file(path) == entry["sha256"]
-        _checked[identity] = known
-        if not known:
+        if not all([_matches(directory, file, remembered, force) for file in files_of(entry)]):
             broken.append(name)
     _write_verified(directory, manifest)
     return broken
+
+
+def _matches(directory: Path, file: dict[str, Any], remembered: dict[str, list], force: bool) -> bool:
+    identity = _identity(directory / file["file"])
+    known = None if force else _known(identity, remembered.get(file["file"]))
+    if known is None:
+        known = sha256_file(directory / file["file"]) == file["sha256"]
+    _checked[identity] = known
+    return known
 
 
 def check_content(directory: Path, manifest: dict[str, Any], label: str, command: str) -> None:
@@ -181,10 +191,10 @@ def _read_verified(directory: Path) -> dict[str, list]:
 
 def _write_verified(directory: Path, manifest: dict[str, Any]) -> None:
     good = {}
-    for entry in manifest["components"].values():
-        identity = _identity(directory / entry["file"])
+    for file in (f for entry in manifest["components"].values() for f in files_of(entry)):
+        identity = _identity(directory / file["file"])
         if _checked.get(identity):
-            good[entry["file"]] = list(identity[1:])
+            good[file["file"]] = list(identity[1:])
     if good == _read_verified(directory):
         return
     tmp = directory / f"{VERIFIED}.{os.getpid()}.tmp"
@@ -229,8 +239,8 @@ class PartialVariant:
         os.replace(self.path, self.final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        for entry in self.components.values():  # just hashed by record(): no need to hash again at load
-            _checked[_identity(self.final / entry["file"])] = True
+        for file in (f for entry in self.components.values() for f in files_of(entry)):  # hashed at record()
+            _checked[_identity(self.final / file["file"])] = True
         _write_verified(self.final, manifest)
 
     def discard(self) -> None:

@@ -3,6 +3,7 @@ mid-generation, a pickle checkpoint, a full outputs disk, too many requests, a g
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -322,3 +323,22 @@ def test_a_full_outputs_disk_fails_the_request_clearly_and_the_api_keeps_serving
         assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200
     saved = list((tmp_path / "outputs").glob("txt2img-images/*/*"))
     assert [p.suffix for p in saved] == [".png"] and not saved[0].name.startswith(".")
+
+
+def test_every_rank_of_a_sharded_component_is_checked(tmp_path):
+    """A component sharded over NeuronCores lists the other ranks' files in ``shards``: a damaged
+    rank 3 makes the component broken as a damaged rank 0 would."""
+    files = {}
+    for rank in range(4):
+        path = tmp_path / "transformer" / "shards" / f"tp_{rank}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(bytes([rank]) * 64)
+        files[rank] = {"file": str(path.relative_to(tmp_path)), "bytes": 64, "sha256": artifacts.sha256_file(path)}
+    manifest = {"fingerprint": "f", "components": {"transformer": {**files[0], "shards": [files[r] for r in (1, 2, 3)]}}}
+    (tmp_path / artifacts.MANIFEST).write_text(json.dumps(manifest))
+    assert artifacts.verify_checksums(tmp_path, manifest) == []
+    _flip_a_byte(tmp_path / files[3]["file"])
+    assert artifacts.verify_checksums(tmp_path, manifest) == ["transformer"]
+    assert artifacts.variant_status(tmp_path, "f").state == "broken"
+    (tmp_path / files[2]["file"]).write_bytes(b"short")
+    assert artifacts.variant_status(tmp_path, "f").reason == "transformer file is missing or changed"
