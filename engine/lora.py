@@ -213,17 +213,21 @@ def select_variant(registry: "Registry", spec: "ModelSpec", tags: Sequence[LoraT
     if len(same_base) == 1:
         return same_base[0]
     missing = [tag for tag in tags if not any(_matches(tag, lora) for lora in spec.loras)]
-    lines = []
+    where = []
     for tag in missing:
-        having = [(other.id, lora.scale) for other in registry.models for lora in other.loras if lora.name == tag.name]
-        where = ("; fused into " + ", ".join(f"{model} (at {scale:g}, write <lora:{tag.name}:{scale:g}>)"
-                                              for model, scale in having)) if having else "; no model has it fused"
-        lines.append(f"{tag}{where}")
+        scales: dict[float, list[str]] = {}
+        for other in registry.models:
+            for lora in other.loras:
+                if lora.name == tag.name:
+                    scales.setdefault(lora.scale, []).append(other.id)
+        where.append("; ".join(f"{tag.name} is fused at {scale:g} into {', '.join(models)} "
+                               f"(write <lora:{tag.name}:{scale:g}>)" for scale, models in scales.items())
+                     or f"no model has a LoRA named {tag.name!r}")
     raise InvalidRequest(
-        f"the prompt asks for {', '.join(str(t) for t in missing)}, but {spec.id} has {_fused(spec)} fused in "
-        f"(LoRAs are fused into the weights at compile time, at a fixed weight: {'; '.join(lines)}). Pick a model "
-        f"that has it, or add a registry entry with `loras: [{{source: FILE.safetensors, scale: WEIGHT}}]` "
-        f"to {registry.path} and run `python compile_all.py --models NEW_ID`")
+        f"{spec.id} has {_fused(spec)} fused in, and the prompt asks for {', '.join(str(t) for t in missing)} "
+        f"(a LoRA is fused into the weights at compile time, at one weight): {'; '.join(where)}. Pick a model "
+        f"that has it, or add a registry entry with `loras: [{{source: FILE.safetensors, scale: WEIGHT}}]` to "
+        f"{registry.path} and run `python compile_all.py --models NEW_ID`")
 
 
 __all__ = ["FORMATS", "LoraFile", "LoraFormatError", "LoraTag", "detect_format", "file_hashes", "fuse_loras",

@@ -210,11 +210,13 @@ def test_prompt_tag_selects_the_fused_variant(lora_engine):
 
 
 @pytest.mark.parametrize("prompt, expected", [
-    ("x <lora:detail:0.5>", r"<lora:detail:0.5>, but base has no LoRA fused in.*base-detail \(at 0.8, write "
-                            r"<lora:detail:0.8>\).*loras: \[\{source: FILE.safetensors, scale: WEIGHT\}\]"),
-    ("x <lora:detail>", r"<lora:detail:1>.*base-detail \(at 0.8"),
-    ("x <lora:nowhere:1>", r"<lora:nowhere:1>.*no model has it fused.*compile_all.py"),
-    ("x <lora:detail:0.8> <lora:style:1>", r"<lora:style:1>.*base-style \(at 1"),
+    ("x <lora:detail:0.5>", r"base has no LoRA fused in, and the prompt asks for <lora:detail:0.5> .*: detail is "
+                            r"fused at 0.8 into base-detail, file-detail \(write <lora:detail:0.8>\)\. .*"
+                            r"loras: \[\{source: FILE.safetensors, scale: WEIGHT\}\]"),
+    ("x <lora:detail>", r"asks for <lora:detail:1> .*detail is fused at 0.8"),
+    ("x <lora:nowhere:1>", r"<lora:nowhere:1> .*: no model has a LoRA named 'nowhere'.*compile_all.py"),
+    ("x <lora:detail:0.8> <lora:style:1>",
+     r"asks for <lora:detail:0.8>, <lora:style:1> .*style is fused at 1 into base-style"),
     ("x <hypernet:foo:1>", r"only <lora:name:weight> extra networks"),
     ("x <lora:detail:lots>", r"the weight must be a number"),
     ("x <lora:detail:0.8:0.5>", r"different weights"),
@@ -225,7 +227,8 @@ def test_prompt_tag_refusals(lora_engine, prompt, expected):
 
 
 def test_other_weight_on_the_variant_is_refused(lora_engine):
-    with pytest.raises(InvalidRequest, match=r"base-detail has detail at 0.8 fused in"):
+    with pytest.raises(InvalidRequest, match=r"base-detail has detail at 0.8 fused in, and the prompt asks for "
+                                             r"<lora:detail:1>"):
         lora_engine["cpu"].submit(GenerateRequest(model="base-detail", prompt="<lora:detail:1>"))
 
 
