@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections import deque
 import re
 import tempfile
 import threading
@@ -30,7 +31,7 @@ class OutputStore:
         self.root = Path(root)
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._kept: Optional[list[tuple[float, Path, int]]] = None  # (mtime, path, bytes), oldest first
+        self._kept: Optional[deque[tuple[float, Path, int]]] = None  # (mtime, path, bytes), oldest first
         self._kept_bytes = 0
         self.remove_dead_partials()
 
@@ -75,14 +76,14 @@ class OutputStore:
         from these files after the request returns)."""
         if self._kept is None:
             found = [(p.stat().st_mtime, p, p.stat().st_size) for p in self.root.glob("*-images/*/*.png")]
-            self._kept = sorted(found, key=lambda item: (item[0], str(item[1])))
+            self._kept = deque(sorted(found, key=lambda item: (item[0], str(item[1]))))
             self._kept_bytes = sum(size for _, _, size in self._kept)
         else:
             size = new.stat().st_size
             self._kept.append((new.stat().st_mtime, new, size))
             self._kept_bytes += size
         while self._kept_bytes > self.max_bytes and len(self._kept) > self.KEEP_NEWEST:
-            _, oldest, size = self._kept.pop(0)
+            _, oldest, size = self._kept.popleft()
             oldest.unlink(missing_ok=True)
             self._kept_bytes -= size
 
