@@ -2,6 +2,7 @@
 compiling real variants is test_compile.py's and test_faults.py's job)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ from engine.artifacts import (PartialVariant, VariantStatus, check_content, comp
                               fingerprint, leftover_partials, read_manifest, restore_interrupted_publishes,
                               sha256_file, variant_dir, variant_status, verified_manifest, verify_checksums)
 from engine.errors import ArtifactCorrupt, ArtifactMismatch, ArtifactMissing
-from engine.registry import DEFAULT_REGISTRY, Defaults, ModelSource, ModelSpec
+from engine.registry import DEFAULT_REGISTRY, Defaults, LoraSpec, ModelSource, ModelSpec
 from engine.types import Size
 
 SPEC = ModelSpec(id="m", title="M", family="sd15", source=ModelSource("hub", "org/repo", revision="v1"),
@@ -57,8 +58,13 @@ def test_the_fingerprint_covers_what_makes_an_artifact_stale():
     identity = {"recipe": 2, "family": "sd15", "source": "hub:org/repo@v1", "dtype": "fp32", "size": "64x64",
                 "backend": "cpu", "stack": "torch 2.1"}
     assert fingerprint(SPEC, Size(64, 64), "cpu", "torch 2.1") == _digest(identity)
-    batched = SPEC.__class__(**{**SPEC.__dict__, "batch_sizes": (1, 4)})
+    batched = dataclasses.replace(SPEC, batch_sizes=(1, 4))
     assert fingerprint(batched, Size(64, 64), "cpu", "torch 2.1") == _digest({**identity, "batch_sizes": [1, 4]})
+    loras = tuple(LoraSpec(name, f"/l/{name}.safetensors", scale, "kohya", ("unet",), digest * 64, digest * 12)
+                  for name, scale, digest in (("detail", 0.8, "a"), ("style", -1.0, "b")))
+    with_loras = dataclasses.replace(SPEC, loras=loras)
+    assert fingerprint(with_loras, Size(64, 64), "cpu", "torch 2.1") == _digest(
+        {**identity, "loras": [{"sha256": "a" * 64, "scale": 0.8}, {"sha256": "b" * 64, "scale": -1.0}]})
 
 
 def test_sha256_of_a_file_larger_than_one_read(tmp_path):
@@ -116,6 +122,11 @@ def test_missing_stale_and_broken_variants_say_why(tmp_path):
     (final / "manifest.json").write_text(json.dumps({"fingerprint": "f" * 16}))  # a manifest with nothing else
     assert variant_status(final, "f" * 16) == VariantStatus("compiled")
     assert variant_status(final, "e" * 16) == VariantStatus("stale", "compiled from None as None with ")
+    with_lora = {"fingerprint": "f" * 16, "source": "hub:org/repo", "dtype": "fp32", "versions": {"torch": "2.1"},
+                 "loras": [{"name": "detail", "sha256": "0123456789abcdef", "scale": 0.8}]}
+    (final / "manifest.json").write_text(json.dumps(with_lora))
+    assert variant_status(final, "e" * 16) == VariantStatus(
+        "stale", "compiled from hub:org/repo, LoRA detail (sha256 0123456789ab) at 0.8 as fp32 with torch 2.1")
 
 
 def test_damaged_content_of_the_same_size_is_found_and_named(tmp_path):

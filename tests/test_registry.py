@@ -294,3 +294,88 @@ def test_unknown_model_message_names_the_registry_and_its_ids(tmp_path):
     with pytest.raises(UnknownModel) as info:
         load_registry(path).get("m3")
     assert str(info.value) == f"unknown model 'm3'; the registry {path} has: m1, m2"
+
+
+def _lora_file(path: Path, prefix: str = "lora_unet_", metadata=None) -> Path:
+    """A tiny kohya-format LoRA (or, with another prefix, whatever those tensor names make it)."""
+    from safetensors.torch import save_file
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{prefix}a.lora_down.weight": torch.ones(1, 2), f"{prefix}a.lora_up.weight": torch.ones(2, 1),
+               f"{prefix}a.alpha": torch.tensor(1.0)}
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+_LORA_SCALE = "a number from -10 to 10 other than 0 (the LoRA's weight)"
+_LORA_NAME = "a name without ':', '<', '>' or ','"
+_LORA_SOURCE = "a .safetensors LoRA file (a path relative to the registry)"
+
+
+@pytest.mark.parametrize("entry, field, expected, found", [
+    ({"family": "pixart-sigma", "loras": [{"source": "d.safetensors"}]},
+     "loras", "no loras for family pixart-sigma (only sd15, sd21, sdxl)", "[{'source': 'd.safetensors'}]"),
+    ({"loras": "d.safetensors"}, "loras", "a list of mappings such as [{source: detail.safetensors, scale: 0.8}]",
+     "'d.safetensors'"),
+    ({"loras": ["d.safetensors"]}, "loras[0]", "a mapping with source (and scale, name)", "'d.safetensors'"),
+    ({"loras": [{"scale": 1}]}, "loras[0]", "a mapping with source (and scale, name)", "{'scale': 1}"),
+    ({"loras": [{"source": "d.safetensors", "weight": 1, "alpha": 2}]}, "loras[0].alpha", "one of source, scale, name",
+     "'alpha'"),
+    ({"loras": [{"source": "d.pt"}]}, "loras[0].source", _LORA_SOURCE, "'d.pt'"),
+    ({"loras": [{"source": 5}]}, "loras[0].source", _LORA_SOURCE, "5"),
+    ({"loras": [{"source": "none.safetensors"}]}, "loras[0].source", "an existing .safetensors file",
+     "'TMP/none.safetensors'"),
+    ({"loras": [{"source": "d.safetensors", "scale": 0}]}, "loras[0].scale", _LORA_SCALE, "0"),
+    ({"loras": [{"source": "d.safetensors", "scale": 10.5}]}, "loras[0].scale", _LORA_SCALE, "10.5"),
+    ({"loras": [{"source": "d.safetensors", "scale": -10.5}]}, "loras[0].scale", _LORA_SCALE, "-10.5"),
+    ({"loras": [{"source": "d.safetensors", "scale": True}]}, "loras[0].scale", _LORA_SCALE, "True"),
+    ({"loras": [{"source": "d.safetensors", "scale": "1"}]}, "loras[0].scale", _LORA_SCALE, "'1'"),
+    ({"loras": [{"source": "d.safetensors", "name": "a:b"}]}, "loras[0].name", _LORA_NAME, "'a:b'"),
+    ({"loras": [{"source": "d.safetensors", "name": "<a"}]}, "loras[0].name", _LORA_NAME, "'<a'"),
+    ({"loras": [{"source": "d.safetensors", "name": "a>"}]}, "loras[0].name", _LORA_NAME, "'a>'"),
+    ({"loras": [{"source": "d.safetensors", "name": "a,b"}]}, "loras[0].name", _LORA_NAME, "'a,b'"),
+    ({"loras": [{"source": "d.safetensors", "name": " "}]}, "loras[0].name", _LORA_NAME, "' '"),
+    ({"loras": [{"source": "d.safetensors", "name": 5}]}, "loras[0].name", _LORA_NAME, "5"),
+    ({"loras": [{"source": "d.safetensors"}, {"source": "sub/d.safetensors"}]}, "loras[1].name",
+     "each LoRA name once per model", "'d'"),
+    ({"loras": [{"source": "plain.safetensors"}]}, "loras[0].source",
+     "a LoRA (kohya/A1111 or diffusers/peft format) — not a LoRA in kohya/A1111 format (tensors named lora_unet_… / "
+     "lora_te_…) or diffusers/peft format (unet.….lora_A.weight / text_encoder.….lora_B.weight); its tensors are "
+     "named like: model_a.alpha, model_a.lora_down.weight, model_a.lora_up.weight", "'TMP/plain.safetensors'"),
+    ({"loras": [{"source": "xl.safetensors"}]}, "loras[0].source",
+     "a LoRA for sd15 (this one has text_encoder_2 weights: an SDXL LoRA)", "'TMP/xl.safetensors'"),
+])
+def test_each_lora_entry_error_reads_exactly(tmp_path, entry, field, expected, found):
+    _lora_file(tmp_path / "d.safetensors")
+    _lora_file(tmp_path / "sub/d.safetensors")
+    _lora_file(tmp_path / "plain.safetensors", prefix="model_")
+    _lora_file(tmp_path / "xl.safetensors", prefix="lora_te2_")
+    path = _write(tmp_path, [_model(**entry)])
+    with pytest.raises(RegistryError) as info:
+        load_registry(path)
+    message = str(info.value).replace(str(path), "REG").replace(str(tmp_path.resolve()), "TMP")
+    assert message == _field(field, expected, found)
+
+
+def test_loras_are_read_when_the_registry_loads(tmp_path):
+    import hashlib
+
+    detail = _lora_file(tmp_path / "loras/Detail.SAFETENSORS", metadata={"ss_b": "2", "ss_a": "1"})
+    _lora_file(tmp_path / "loras/xl.safetensors", prefix="lora_te2_")
+    path = _write(tmp_path, [
+        _model(loras=[{"source": "loras/Detail.SAFETENSORS", "scale": -10}, {"source": "loras/xl.safetensors",
+                                                                              "name": "style", "scale": 10}],
+               family="sdxl"),
+        _model(id="m2", loras=[{"source": "loras/Detail.SAFETENSORS"}]),
+    ])
+    first, second = load_registry(path).models
+    assert [(lora.name, lora.scale, lora.format, lora.components) for lora in first.loras] == [
+        ("Detail", -10.0, "kohya", ("unet",)), ("style", 10.0, "kohya", ("text_encoder_2",))]
+    lora = second.loras[0]
+    assert (lora.name, lora.path, lora.scale) == ("Detail", str(detail.resolve()), 1.0)
+    assert isinstance(first.loras[0].scale, float)
+    assert lora.sha256 == hashlib.sha256(detail.read_bytes()).hexdigest()
+    assert len(lora.short_hash) == 12 and lora.short_hash != lora.sha256[:12]  # A1111's: the tensors only
+    assert lora.metadata == (("ss_a", "1"), ("ss_b", "2"))
+    assert load_registry(_write(tmp_path, [_model()])).models[0].loras == ()
