@@ -83,10 +83,11 @@ class ModelInfo:
     dtype: str
     defaults: Any
     resolutions: tuple[Size, ...]
-    compiled: dict[Size, str]  # size -> "compiled" | "missing" | "stale" ("n/a" on eager)
+    compiled: dict[Size, str]  # size -> "compiled" | "missing" | "stale" | "broken" ("n/a" on eager)
     warm: tuple[Size, ...]
     batch_sizes: tuple[int, ...] = (1,)  # compiled batch sizes (requests per device call)
     max_batch: int = 1  # images one device call makes on this backend
+    loras: tuple[str, ...] = ()  # fused LoRAs as a prompt selects them: "<lora:name:scale>"
 
     def compiled_sizes(self) -> list[Size]:
         return [s for s, state in self.compiled.items() if state in ("compiled", "n/a")]
@@ -225,7 +226,8 @@ class Engine:
             compiled = {size: "n/a" for size in spec.resolutions}
             warm_sizes = spec.resolutions if VariantKey(spec.id, None) in warm else ()
         return ModelInfo(spec.id, spec.title, spec.family, spec.source.describe(), spec.dtype, spec.defaults,
-                         spec.resolutions, compiled, warm_sizes, spec.batch_sizes, self._rows_per_call(spec))
+                         spec.resolutions, compiled, warm_sizes, spec.batch_sizes, self._rows_per_call(spec),
+                         tuple(f"<lora:{lora.name}:{lora.scale:g}>" for lora in spec.loras))
 
     def _variant_state(self, spec: ModelSpec, size: Size) -> str:
         directory = artifacts.variant_dir(self.registry.artifacts_dir, spec.id, size, self.backend.name)

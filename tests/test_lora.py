@@ -345,3 +345,14 @@ def test_detect_format_refuses(keys, expected):
 
     with pytest.raises(LoraFormatError, match=expected):
         detect_format(keys)
+
+
+def test_the_models_tab_shows_the_fused_loras(lora_engine):
+    from types import SimpleNamespace
+
+    from ui.models import COLUMNS, model_rows
+
+    engine = lora_engine["cpu"]
+    rows = {row[0]: dict(zip(COLUMNS, row)) for row in model_rows(SimpleNamespace(engine=engine), engine.models())}
+    assert rows["base-detail"]["LoRAs fused"] == f"<lora:detail:{SCALE:g}>"
+    assert rows["base"]["LoRAs fused"] == ""

@@ -14,7 +14,7 @@ from engine.artifacts import compile_command
 from .common import DEVICE_QUEUE, AppContext, parse_size, translate_errors
 
 TAB = "models"
-COLUMNS = ["Model", "Title", "Family", "Resolution", "Batch sizes", "Compiled", "Warm", "To compile"]
+COLUMNS = ["Model", "Title", "Family", "Resolution", "Batch sizes", "Compiled", "Warm", "To compile", "LoRAs fused"]
 _STATE_LABEL = {"compiled": "✅ compiled", "missing": "❌ missing", "stale": "⚠️ stale", "broken": "🛑 broken",
                 "n/a": "— (eager)"}
 
@@ -33,7 +33,7 @@ def model_rows(ctx: AppContext, models: list[ModelInfo]) -> list[list[str]]:
             warm = "🔥 warm" if size in info.warm else ""
             batches = ", ".join(str(b) for b in info.batch_sizes)
             rows.append([info.id, info.title, info.family, str(size), batches, _STATE_LABEL.get(state, state), warm,
-                         command])
+                         command, " ".join(info.loras)])
     return rows
 
 
