@@ -123,10 +123,12 @@ def test_missing_stale_and_broken_variants_say_why(tmp_path):
     assert variant_status(final, "f" * 16) == VariantStatus("compiled")
     assert variant_status(final, "e" * 16) == VariantStatus("stale", "compiled from None as None with ")
     with_lora = {"fingerprint": "f" * 16, "source": "hub:org/repo", "dtype": "fp32", "versions": {"torch": "2.1"},
-                 "loras": [{"name": "detail", "sha256": "0123456789abcdef", "scale": 0.8}]}
+                 "loras": [{"name": "detail", "sha256": "0123456789abcdef", "scale": 0.8},
+                           {"name": "style", "sha256": "fedcba9876543210", "scale": -1}]}
     (final / "manifest.json").write_text(json.dumps(with_lora))
     assert variant_status(final, "e" * 16) == VariantStatus(
-        "stale", "compiled from hub:org/repo, LoRA detail (sha256 0123456789ab) at 0.8 as fp32 with torch 2.1")
+        "stale", "compiled from hub:org/repo, LoRA detail (sha256 0123456789ab) at 0.8, LoRA style (sha256 "
+                 "fedcba987654) at -1 as fp32 with torch 2.1")
 
 
 def test_damaged_content_of_the_same_size_is_found_and_named(tmp_path):

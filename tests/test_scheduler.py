@@ -76,7 +76,7 @@ def test_interrupt_reaches_only_the_owners_jobs_and_queued_ones_never_run(gate_s
     assert scheduler.interrupt("alice") == 2
     with pytest.raises(Cancelled):
         running.result(5)
-    with pytest.raises(Cancelled, match="before it started"):
+    with pytest.raises(Cancelled, match="^interrupted before it started$"):
         alice_queued.result(5)
     assert bob_queued.result(5) == "BOB-NEXT"
     assert gate.ran == ["bob-next"]
@@ -120,14 +120,14 @@ def test_close_cancels_waiting_jobs_and_refuses_new_ones():
     waiting = scheduler.submit("never")
     closer = threading.Thread(target=scheduler.close)
     closer.start()
-    with pytest.raises(Cancelled, match="shutting down"):
+    with pytest.raises(Cancelled, match="^the server is shutting down$"):
         waiting.result(5)
     gate.release.set()
     closer.join(5)
     assert blocker.result(5) == "BLOCK"
     from engine import EngineError
 
-    with pytest.raises(EngineError, match="shutting down"):
+    with pytest.raises(EngineError, match="^the engine is shutting down; try again on a running server$"):
         scheduler.submit("late")
 
 
@@ -252,3 +252,40 @@ def test_ensure_workers_adds_named_threads_up_to_the_count_and_none_once_closed(
     assert scheduler.workers == 3
     with pytest.raises(ValueError, match="^a scheduler needs at least one worker$"):
         Scheduler(gate, workers=0)
+
+
+def test_work_that_raises_fails_its_jobs_and_the_worker_goes_on():
+    calls = []
+
+    def execute(jobs):
+        calls.append([job.payload for job in jobs])
+        if jobs[0].payload == "raise":
+            raise ZeroDivisionError("device error")
+        return ["ok"]
+
+    scheduler = Scheduler(execute, workers=1)
+    try:
+        failed = scheduler.submit("raise")
+        with pytest.raises(ZeroDivisionError, match="device error"):
+            failed.result(5)
+        after = scheduler.submit("after")
+        assert after.result(5) == "ok" and calls == [["raise"], ["after"]]
+        assert failed.submitted <= failed.started <= failed.finished <= after.started
+    finally:
+        scheduler.close()
+
+
+def test_a_job_the_work_settled_early_keeps_that_outcome_and_listeners_see_it():
+    def execute(jobs):
+        jobs[0].future.set_result("early")  # it left its batch before the batch ended
+        return ["late"]
+
+    scheduler = Scheduler(execute, workers=1)
+    seen = []
+    scheduler.add_listener(lambda job, outcome: seen.append((job.payload, outcome)))
+    try:
+        assert scheduler.submit("a").result(5) == "early"
+        assert scheduler.submit("b").result(5) == "early"
+        assert seen == [("a", "early"), ("b", "early")]
+    finally:
+        scheduler.close()
