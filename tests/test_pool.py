@@ -232,3 +232,20 @@ def test_an_extra_replica_loading_is_listed_with_its_start_time():
     release_load.set()
     thread.join()
     assert sorted(i.replica for i in pool.snapshot()) == [0, 1]
+
+
+def test_each_busy_lease_loads_one_more_replica_until_the_target():
+    pool = WarmPool(lambda r: Record(r), max_warm=1, replicas=lambda k: 3)
+    with pool.lease(key("a")) as first, pool.lease(key("a")) as second, pool.lease(key("a")) as third:
+        assert len({id(first), id(second), id(third)}) == 3  # a loaded extra replica does not cap the next
+        with pool.lease(key("a")) as fourth:
+            assert fourth in (first, second, third)  # the target reached: the fourth shares
+    assert sorted(i.replica for i in pool.snapshot()) == [0, 1, 2]
+
+
+def test_room_is_made_before_a_load_so_peak_memory_stays_within_max_warm():
+    warm_during_load = []
+    pool = WarmPool(lambda r: warm_during_load.append([i.key.model for i in pool.snapshot()]) or Record(r), max_warm=1)
+    pool.ensure(key("a"))
+    pool.ensure(key("b"))
+    assert warm_during_load == [[], []]  # a was evicted before b's load began
