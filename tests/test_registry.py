@@ -365,13 +365,13 @@ def test_loras_are_read_when_the_registry_loads(tmp_path):
     _lora_file(tmp_path / "loras/xl.safetensors", prefix="lora_te2_")
     path = _write(tmp_path, [
         _model(loras=[{"source": "loras/Detail.SAFETENSORS", "scale": -10}, {"source": "loras/xl.safetensors",
-                                                                              "name": "style", "scale": 10}],
+                                                                              "name": "XL-style", "scale": 10}],
                family="sdxl"),
         _model(id="m2", loras=[{"source": "loras/Detail.SAFETENSORS"}]),
     ])
     first, second = load_registry(path).models
     assert [(lora.name, lora.scale, lora.format, lora.components) for lora in first.loras] == [
-        ("Detail", -10.0, "kohya", ("unet",)), ("style", 10.0, "kohya", ("text_encoder_2",))]
+        ("Detail", -10.0, "kohya", ("unet",)), ("XL-style", 10.0, "kohya", ("text_encoder_2",))]
     lora = second.loras[0]
     assert (lora.name, lora.path, lora.scale) == ("Detail", str(detail.resolve()), 1.0)
     assert isinstance(first.loras[0].scale, float)
