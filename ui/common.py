@@ -33,7 +33,10 @@ GENERATE_QUEUE = "generate"
 GENERATE_ADMISSION = 32
 MAX_BATCH = 16
 MAX_SEED = 2**32 - 1
-PROGRESS_INTERVAL_S = 0.1  # the browser needs no more than ~10 progress updates a second
+PROGRESS_INTERVAL_S = 0.1  # how often a waiting handler looks at its job
+# How often a running handler sends the browser its progress line (and a new preview): every update
+# is a message through Gradio's queue for each waiting client; 4 a second reads as live.
+LIVE_INTERVAL_S = 0.25
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -269,7 +272,7 @@ class ProgressReporter:
 
     def _due(self, final: bool) -> bool:
         now = time.monotonic()
-        if now - self._last < PROGRESS_INTERVAL_S and not final:
+        if now - self._last < LIVE_INTERVAL_S and not final:
             return False
         self._last = now
         return True
