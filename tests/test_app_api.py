@@ -123,6 +123,17 @@ def test_png_info_reads_our_parameters(client, tmp_path):
     assert parameters == text and "<th>Sampler</th><td>Euler a</td>" in table
 
 
+def test_png_info_names_a_file_that_is_not_an_image(client, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    path = tmp_path / "notes.png"
+    path.write_text("these are notes, not a picture")
+    with pytest.raises(AppError, match=r"Source: the file is not a readable image") as failure:
+        client.predict(handle_file(str(path)), api_name="/png_info")
+    assert "Could not preprocess" not in str(failure.value)
+
+
 def _progress_text(job) -> str:
     return " ".join(unit.desc or "" for unit in (job.status().progress_data or []))
 

@@ -5,6 +5,8 @@ Only this module turns engine errors into ``gr.Error`` (rule 8: translated once,
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import html
 import logging
 import math
@@ -14,6 +16,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable, Generator, Iterator, Optional
 
 import gradio as gr
@@ -153,6 +156,19 @@ class Interrupts:
 
 def session_of(request: Optional[gr.Request]) -> str:
     return (request.session_hash if request is not None else None) or "anonymous"
+
+
+def upload_bytes(payload: Any) -> bytes:
+    """The uploaded file's bytes (a ``data:`` URL from the clipboard, else the file Gradio stored)."""
+    url = getattr(payload, "url", None) or ""
+    try:
+        if url.startswith("data:"):
+            return base64.b64decode(url.split(",", 1)[-1], validate=True)
+        return Path(payload.path).read_bytes()
+    except (binascii.Error, ValueError, TypeError):
+        raise InvalidRequest("the pasted image is not valid base64 data") from None
+    except OSError as exc:
+        raise InvalidRequest(f"the uploaded file could not be read ({exc.strerror}); upload it again") from None
 
 
 def client_of(request: Optional[gr.Request]) -> str:

@@ -1,10 +1,7 @@
 """The img2img tab: an input image + prompt → images. Its Generate event is the ``/img2img`` API endpoint."""
 from __future__ import annotations
 
-import base64
-import binascii
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import gradio as gr
@@ -15,8 +12,8 @@ from engine.images import read_image
 from engine.types import RESIZE_MODES
 
 from .common import (GENERATE_ADMISSION, GENERATE_QUEUE, AppContext, GenerationControls, Radio, Slider, output_panel,
-                     parameter_controls, prompt_row, request_size, run_job, tab_outputs, user_error, whole,
-                     wire_common)
+                     parameter_controls, prompt_row, request_size, run_job, tab_outputs, upload_bytes, user_error,
+                     whole, wire_common)
 
 TAB = "img2img"
 
@@ -34,22 +31,9 @@ class InitImage(gr.Image):
         if payload is None:
             return None
         try:
-            return read_image(_upload_bytes(payload))
+            return read_image(upload_bytes(payload))
         except EngineError as exc:
             raise user_error(InvalidRequest(f"{self.label}: {exc}")) from None
-
-
-def _upload_bytes(payload: Any) -> bytes:
-    """The uploaded file's bytes (a ``data:`` URL from the clipboard, else the file Gradio stored)."""
-    url = getattr(payload, "url", None) or ""
-    try:
-        if url.startswith("data:"):
-            return base64.b64decode(url.split(",", 1)[-1], validate=True)
-        return Path(payload.path).read_bytes()
-    except (binascii.Error, ValueError, TypeError):
-        raise InvalidRequest("the pasted image is not valid base64 data") from None
-    except OSError as exc:
-        raise InvalidRequest(f"the uploaded file could not be read ({exc.strerror}); upload it again") from None
 
 
 @dataclass

@@ -7,12 +7,31 @@ from typing import Any, Optional
 import gradio as gr
 from PIL import Image
 
-from engine import Size
+from engine import EngineError, InvalidRequest, Size
+from engine.images import read_image
 from engine.infotext import parse_infotext, read_parameters
 
-from .common import AppContext, GenerationControls
+from .common import AppContext, GenerationControls, upload_bytes, user_error
 
 TAB = "pnginfo"
+
+
+class SourceImage(gr.Image):
+    """``gr.Image`` (the same widget) that hands the handler the uploaded file itself, its text chunks
+    intact, once the engine's ``read_image`` has checked it is an image: an empty, truncated or
+    non-image file, or a decompression bomb, is refused naming the problem (Gradio's own
+    preprocessing answers "Could not preprocess input component at index 0")."""
+
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Optional[str]:
+        if payload is None:
+            return None
+        try:
+            read_image(upload_bytes(payload))
+        except EngineError as exc:
+            raise user_error(InvalidRequest(f"{self.label}: {exc}")) from None
+        return payload.path
 
 
 def read_png_parameters(path: Optional[str]) -> str:
@@ -89,8 +108,8 @@ def build(ctx: AppContext, tabs: gr.Tabs, model: gr.Dropdown, txt2img: Generatio
     with gr.Tab("PNG Info", id=TAB, elem_id=f"tab_{TAB}"):
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
-                image = gr.Image(label="Source", type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                                 elem_id="pnginfo_image", height=420)
+                image = SourceImage(label="Source", type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                                    elem_id="pnginfo_image", height=420)
             with gr.Column(scale=1):
                 text = gr.Textbox(label="parameters", lines=4, max_lines=12, interactive=False,
                                   elem_id="pnginfo_parameters", buttons=["copy"])
