@@ -110,11 +110,16 @@ def test_img2img_in_the_browser(page, screenshots, tmp_path):
     page.screenshot(path=str(screenshots / "img2img.png"), full_page=True)
 
 
-def test_interrupt_a_long_generation(page, screenshots):
-    page.locator("#txt2img_prompt textarea").fill("a very long job")
+def start_long_txt2img(page, prompt: str, batch_count: int) -> None:
+    """Generate ``batch_count`` images of 150 steps: long enough to watch and interrupt."""
+    page.locator("#txt2img_prompt textarea").fill(prompt)
     set_number(page, "txt2img_steps", 150)
-    set_number(page, "txt2img_batch_count", 16)
+    set_number(page, "txt2img_batch_count", batch_count)
     page.locator("#txt2img_generate").click()
+
+
+def test_interrupt_a_long_generation(page, screenshots):
+    start_long_txt2img(page, "a very long job", 16)
     # the progress bar reads "Image 2/16 · step 4/150 · 70.99 it/s": wait until one image is done
     page.wait_for_function("() => /Image ([2-9]|1[0-6])\\/16 · step \\d+\\/150 · [\\d.]+ it\\/s/"
                            ".test(document.body.innerText)")
@@ -186,10 +191,7 @@ def test_model_defaults_batch_and_picking_an_image(page):
 
 
 def test_the_gallery_shows_a_live_preview_while_generating(page, screenshots):
-    page.locator("#txt2img_prompt textarea").fill("a preview")
-    set_number(page, "txt2img_steps", 150)
-    set_number(page, "txt2img_batch_count", 3)
-    page.locator("#txt2img_generate").click()
+    start_long_txt2img(page, "a preview", 3)
     # while the progress bar still counts steps, the gallery already holds the preview image
     page.wait_for_function("() => /step \\d+\\/150/.test(document.body.innerText)"
                            " && document.querySelector('#txt2img_gallery img') !== null")
