@@ -3,38 +3,27 @@ from __future__ import annotations
 
 import gc
 import logging
-import random
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from PIL import Image
-
 from . import artifacts
 from .backends.base import Backend
 from .batching import BatchRun, Row, generators, per_row
-from .compile import expected_fingerprint
-from .errors import InvalidRequest, UnsupportedResolution
-from .hires import HiresPlan, plan_hires, second_pass_images
+from .hires import HiresPlan, second_pass_images
 from .images import fit_image
 from .infotext import format_infotext
 from .pipelines import WarmPipeline, load_compiled, load_eager, warm_up
 from .placement import CorePlan, Footprint, PlacedBackend, footprint_from_manifest
-from .lora import select_variant
 from .pool import WarmPool
-from .prompts import lora_tags, strip_extra_networks
+from .prompts import strip_extra_networks
 from .registry import ModelSpec, Registry, load_registry
-from .families import FAMILIES
-from .samplers import check_sampler_for
+from .resolve import Resolved, Resolver
 from .scheduler import Batching, CancelFlag, Job, QueueSnapshot, Scheduler
 from .types import GenerateRequest, GenerateResult, Progress, ReplicaKey, Size, VariantKey
 
 log = logging.getLogger(__name__)
 
-MAX_STEPS = 150
-MAX_IMAGES = 16
-MAX_SEED = 2**32 - 1
-EAGER_MAX_SIDE = 2048
 DEFAULT_PREVIEW_EVERY = 5  # steps between live previews (A1111's "show progress every N steps")
 
 
@@ -106,22 +95,11 @@ class LoraInfo:
 
 
 @dataclass(frozen=True)
-class _Resolved:
-    spec: ModelSpec
-    sampler: str
-    steps: int
-    cfg_scale: float
-    size: Size
-    seed: int
-    hires: Optional[HiresPlan] = None
-
-
-@dataclass(frozen=True)
 class _Work:
     """What a queued job carries: the request, its validated values and the caller's progress hook."""
 
     request: GenerateRequest
-    resolved: _Resolved
+    resolved: Resolved
     on_progress: Optional[ProgressCallback]
 
 
@@ -230,8 +208,16 @@ class Engine:
                          tuple(f"<lora:{lora.name}:{lora.scale:g}>" for lora in spec.loras))
 
     def _variant_state(self, spec: ModelSpec, size: Size) -> str:
-        directory = artifacts.variant_dir(self.registry.artifacts_dir, spec.id, size, self.backend.name)
-        return artifacts.variant_status(directory, expected_fingerprint(spec, size, self.backend)).state
+        return self._resolver().variant_state(spec, size)
+
+    def _resolver(self) -> Resolver:
+        return Resolver(self.registry, self.backend)
+
+    def _resolve(self, request: GenerateRequest) -> Resolved:
+        return self._resolver().resolve(request, self.default_model)
+
+    def _check_size(self, spec: ModelSpec, size: Size) -> Size:
+        return self._resolver().check_size(spec, size)
 
     def status(self) -> dict[str, Any]:
         """Backend, versions and the warm pipelines: load time, peak host RSS while loading, cores.
@@ -389,7 +375,7 @@ class Engine:
             load: _Load = jobs[0].payload
             self.pool.ensure_replicas(load.key, load.replicas)
             return [self.pool.ensure(load.key)]
-        resolved: _Resolved = jobs[0].payload.resolved
+        resolved: Resolved = jobs[0].payload.resolved
         started = time.perf_counter()
         describe = self._describe if resolved.hires is None else None  # a hires first pass keeps its outputs
         run = self._run_pass(jobs, resolved.size, describe, self._call_kwargs)
@@ -482,66 +468,6 @@ class Engine:
             kwargs.update(width=resolved.size.width, height=resolved.size.height)
         return kwargs
 
-    def _resolve(self, request: GenerateRequest) -> _Resolved:
-        _check_fields(request)
-        spec = self.registry.get(request.model or self.default_model)
-        spec = select_variant(self.registry, spec, lora_tags(request.prompt))  # <lora:name:w> picks a fused variant
-        sampler = request.sampler or spec.defaults.sampler
-        check_sampler_for(spec.family, spec.id, sampler)
-        if request.init_image is not None and not FAMILIES[spec.family].has_img2img:
-            raise InvalidRequest(
-                f"img2img is not available for {spec.id}: the {spec.family} family has no img2img pipeline "
-                f"(diffusers has none for it); use txt2img with this model, or pick another model for img2img")
-        steps = spec.defaults.steps if request.steps is None else request.steps
-        cfg = spec.defaults.cfg_scale if request.cfg_scale is None else request.cfg_scale
-        _check_range("steps", steps, 1, MAX_STEPS, whole=True)
-        _check_range("CFG scale", cfg, 1.0, 30.0)
-        cfg = float(cfg)
-        _check_range("number of images", request.num_images, 1, MAX_IMAGES, whole=True)
-        if request.init_image is not None:
-            _check_range("denoising strength", request.strength, 0.0, 1.0)
-            if int(steps * request.strength) < 1:
-                raise InvalidRequest(
-                    f"denoising strength {request.strength:g} with {steps} steps runs no denoising step "
-                    f"(img2img runs strength x steps of them); raise the strength or the steps")
-        seed = request.seed if request.seed not in (-1, None) else random.SystemRandom().randrange(MAX_SEED)
-        _check_range("seed", seed, 0, MAX_SEED, whole=True)
-        size = self._check_size(spec, request.size or spec.default_size)
-        hires = self._plan_hires(spec, request, size, int(steps)) if request.hires is not None else None
-        return _Resolved(spec, sampler, int(steps), cfg, size, int(seed), hires)
-
-    def _plan_hires(self, spec: ModelSpec, request: GenerateRequest, size: Size, steps: int) -> HiresPlan:
-        if request.init_image is not None:
-            raise InvalidRequest("hires fix is for txt2img; for a larger img2img result, ask for a larger size")
-        if not FAMILIES[spec.family].has_img2img:
-            raise InvalidRequest(f"hires fix is not available for {spec.id}: its second pass is img2img, which the "
-                                 f"{spec.family} family does not have")
-
-        def second_size(target: Size) -> Size:
-            try:
-                return self._check_size(spec, target)
-            except UnsupportedResolution as exc:
-                raise UnsupportedResolution(f"hires fix to {target}: {exc}") from None
-
-        return plan_hires(request.hires, size, steps, _check_range, second_size)
-
-    def _check_size(self, spec: ModelSpec, size: Size) -> Size:
-        """A valid size (multiples of 8, at least 64; at most ``EAGER_MAX_SIDE`` on eager) that the
-        fixed-shape backends also have compiled for ``spec``."""
-        too_large = not self.backend.fixed_shape and max(size.width, size.height) > EAGER_MAX_SIDE
-        if size.width % 8 or size.height % 8 or min(size.width, size.height) < 64 or too_large:
-            raise UnsupportedResolution(
-                f"{size} is not a valid size: width and height must be multiples of 8 between 64 and {EAGER_MAX_SIDE}")
-        if not self.backend.fixed_shape:
-            return size
-        if size not in spec.resolutions:
-            compiled = [str(s) for s in spec.resolutions if self._variant_state(spec, s) == "compiled"]
-            raise UnsupportedResolution(
-                f"{size} is not compiled for {spec.id}; compiled: {', '.join(compiled) or 'none'}. To add it, "
-                f"list {size} under resolutions of {spec.id} in {self.registry.path} and run "
-                f"`{artifacts.compile_command(spec.id, size, self.backend.name, self.registry.path)}`")
-        return size
-
 def default_preview_every(backend: str) -> int:
     """Live previews every 5 steps, but off on Neuron: a step there takes tens of milliseconds and the
     host work between steps bounds throughput, so nothing is added to it unless asked for
@@ -556,7 +482,7 @@ def _release_device_memory(warm: WarmPipeline) -> None:
     gc.collect()
 
 
-def _infotext(request: GenerateRequest, resolved: _Resolved, seed: int, backend: str) -> str:
+def _infotext(request: GenerateRequest, resolved: Resolved, seed: int, backend: str) -> str:
     params = {
         "Steps": resolved.steps,
         "Sampler": resolved.sampler,
@@ -571,40 +497,6 @@ def _infotext(request: GenerateRequest, resolved: _Resolved, seed: int, backend:
         "Backend": backend,
     }
     return format_infotext(request.prompt, request.negative_prompt, params)
-
-
-def _check_range(name: str, value: Any, low: float, high: float, whole: bool = False) -> None:
-    """``value`` is a number from ``low`` to ``high`` (NaN and infinities are not); with ``whole``
-    an integer (2.0 passes, 2.5 does not: the engine never rounds what it was asked for)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
-        raise InvalidRequest(f"{name} must be between {_number(low)} and {_number(high)}, got {value!r}")
-    if whole and not float(value).is_integer():
-        raise InvalidRequest(f"{name} must be a whole number, got {value!r}")
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
-
-
-def _check_fields(request: GenerateRequest) -> None:
-    """The request's fields have the types the engine works with: a bad one is refused here, with
-    its name, instead of failing deep in a pipeline on a device worker."""
-    for name, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
-        if not isinstance(text, str):
-            raise InvalidRequest(f"the {name} must be text, got {type(text).__name__} {text!r}")
-        try:
-            text.encode("utf-8")  # it is written into the PNG's parameters as UTF-8
-        except UnicodeEncodeError as exc:
-            raise InvalidRequest(f"the {name} contains U+{ord(text[exc.start]):04X} at position {exc.start}, half "
-                                 "of a UTF-16 surrogate pair and not a character; send valid UTF-8 text") from None
-    for name, value in (("model", request.model), ("sampler", request.sampler)):
-        if value is not None and not isinstance(value, str):
-            raise InvalidRequest(f"{name} must be a name, got {type(value).__name__} {value!r}")
-    if request.size is not None and not isinstance(request.size, Size):
-        raise InvalidRequest(f"size must be a Size such as Size(512, 512), got {request.size!r}")
-    if request.init_image is not None and not isinstance(request.init_image, Image.Image):
-        raise InvalidRequest(f"init_image must be a PIL image (engine.images.read_image reads a file), "
-                             f"got {type(request.init_image).__name__}")
 
 
 __all__ = ["Engine", "EngineSettings", "LoraInfo", "ModelInfo", "ReplicaTarget"]
