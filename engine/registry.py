@@ -383,7 +383,7 @@ FAMILY_DEFAULTS = {"pixart-sigma": Defaults(sampler="DPM++ 2M", steps=20, cfg_sc
 def _parse_defaults(check: _Checker, model_id: str, raw: Any, family: str = "sd15") -> Defaults:
     if not isinstance(raw, dict):
         raise check.fail(model_id, "defaults", "a mapping of sampler, steps, cfg_scale", raw)
-    from .samplers import family_sampler_names
+    from .samplers import LCM_MAX_STEPS, check_sampler, family_sampler_names
 
     base = FAMILY_DEFAULTS.get(family, Defaults())
     sampler = raw.get("sampler", base.sampler)
@@ -393,9 +393,13 @@ def _parse_defaults(check: _Checker, model_id: str, raw: Any, family: str = "sd1
     steps = raw.get("steps", base.steps)
     if not isinstance(steps, int) or not 1 <= steps <= 150:
         raise check.fail(model_id, "defaults.steps", "an integer from 1 to 150", steps)
+    if check_sampler(sampler).scheduler_class == "LCMScheduler" and steps > LCM_MAX_STEPS:
+        raise check.fail(model_id, "defaults.steps", f"an integer from 1 to {LCM_MAX_STEPS} for sampler {sampler}",
+                         steps)
+    # 0 to 1: few-step models (sd-turbo, LCM) run without guidance; at CFG <= 1 diffusers runs no unconditional half.
     cfg = raw.get("cfg_scale", base.cfg_scale)
-    if not isinstance(cfg, (int, float)) or not 1 <= cfg <= 30:
-        raise check.fail(model_id, "defaults.cfg_scale", "a number from 1 to 30", cfg)
+    if not isinstance(cfg, (int, float)) or isinstance(cfg, bool) or not 0 <= cfg <= 30:
+        raise check.fail(model_id, "defaults.cfg_scale", "a number from 0 to 30", cfg)
     return Defaults(sampler=sampler, steps=steps, cfg_scale=float(cfg))
 
 

@@ -43,6 +43,11 @@ def test_shipped_registry_has_the_reference_models():
     assert refs["stabilityai/stable-diffusion-2-1-base"].family == "sd21"
     assert refs["stabilityai/stable-diffusion-xl-base-1.0"].resolutions == (Size(1024, 1024),)
     assert registry.get(registry.default_model)
+    # the few-step models: 512x512, Euler a with the SGM Uniform (trailing) schedule, 1 step, no guidance
+    for model, family in (("sd-turbo", "sd21"), ("sdxl-turbo", "sdxl")):
+        spec = registry.get(model)
+        assert (spec.family, spec.source.ref, spec.resolutions) == (family, f"stabilityai/{model}", (Size(512, 512),))
+        assert spec.defaults == Defaults(sampler="Euler a SGM Uniform", steps=1, cfg_scale=0.0)
 
 
 @pytest.mark.parametrize(
@@ -95,8 +100,9 @@ def test_single_file_source_gets_family_config_default(tmp_path):
 # Every message a registry author can meet, word for word ("REG" stands for the file, "TMP" for its
 # directory): each names the file, the model (once it has an id), the field, what was expected and
 # what was found.
-_SD15_SAMPLERS = ("Euler, Euler a, Heun, LMS, LMS Karras, DPM2, DPM2 Karras, DPM2 a, DPM2 a Karras, DPM++ 2M, "
-                  "DPM++ 2M Karras, DPM++ 2M SDE, DPM++ 2M SDE Karras, DPM++ SDE, DPM++ SDE Karras, DDIM, PLMS, UniPC")
+_SD15_SAMPLERS = ("Euler, Euler SGM Uniform, Euler a, Euler a SGM Uniform, Heun, LMS, LMS Karras, DPM2, DPM2 Karras, "
+                  "DPM2 a, DPM2 a Karras, DPM++ 2M, DPM++ 2M Karras, DPM++ 2M SGM Uniform, DPM++ 2M SDE, "
+                  "DPM++ 2M SDE Karras, DPM++ 2M SDE SGM Uniform, DPM++ SDE, DPM++ SDE Karras, DDIM, PLMS, UniPC, LCM")
 _BATCH = "a list of whole numbers from 1 to 16 such as [1, 4]"
 _SCALING_KEYS = "min_replicas, max_replicas, target_ongoing_requests, idle_s"
 _PIXART = {"family": "pixart-sigma"}
@@ -124,8 +130,9 @@ _IDLE = "seconds from 0 to 86400"
 _TP = "one of 1, 2, 4, 8, 16, 32"
 _MULTIPLE = "width and height that are positive multiples of 8"
 _SOURCE_KINDS = "exactly one of hub, local, single_file"
-_PIXART_SAMPLERS = ("Euler, Euler a, LMS, LMS Karras, DPM++ 2M, DPM++ 2M Karras, DPM++ 2M SDE, DPM++ 2M SDE Karras, "
-                    "DDIM, PLMS, UniPC")
+_PIXART_SAMPLERS = ("Euler, Euler SGM Uniform, Euler a, Euler a SGM Uniform, LMS, LMS Karras, DPM++ 2M, "
+                    "DPM++ 2M Karras, DPM++ 2M SGM Uniform, DPM++ 2M SDE, DPM++ 2M SDE Karras, "
+                    "DPM++ 2M SDE SGM Uniform, DDIM, PLMS, UniPC, LCM")
 
 
 @pytest.mark.parametrize("registry, message", [
@@ -178,9 +185,11 @@ _PIXART_SAMPLERS = ("Euler, Euler a, LMS, LMS Karras, DPM++ 2M, DPM++ 2M Karras,
     _bad("defaults.steps", "an integer from 1 to 150", "0", defaults={"steps": 0}),
     _bad("defaults.steps", "an integer from 1 to 150", "151", defaults={"steps": 151}),
     _bad("defaults.steps", "an integer from 1 to 150", "'20'", defaults={"steps": "20"}),
-    _bad("defaults.cfg_scale", "a number from 1 to 30", "0.5", defaults={"cfg_scale": 0.5}),
-    _bad("defaults.cfg_scale", "a number from 1 to 30", "30.5", defaults={"cfg_scale": 30.5}),
-    _bad("defaults.cfg_scale", "a number from 1 to 30", "'7'", defaults={"cfg_scale": "7"}),
+    _bad("defaults.steps", "an integer from 1 to 50 for sampler LCM", "51", defaults={"sampler": "LCM", "steps": 51}),
+    _bad("defaults.cfg_scale", "a number from 0 to 30", "-0.5", defaults={"cfg_scale": -0.5}),
+    _bad("defaults.cfg_scale", "a number from 0 to 30", "30.5", defaults={"cfg_scale": 30.5}),
+    _bad("defaults.cfg_scale", "a number from 0 to 30", "'7'", defaults={"cfg_scale": "7"}),
+    _bad("defaults.cfg_scale", "a number from 0 to 30", "True", defaults={"cfg_scale": True}),
     _bad("scaling", f"a mapping of {_SCALING_KEYS}", "2", scaling=2),
     _bad("scaling.replicas", f"one of {_SCALING_KEYS}", "'replicas'", scaling={"zmax": 1, "replicas": 2}),
     _bad("scaling.min_replicas", _MIN, "-1", scaling={"min_replicas": -1}),
@@ -245,10 +254,15 @@ def test_values_at_the_edges_of_each_range_are_accepted(tmp_path):
         _model(id="m3", scaling={"min_replicas": 3}),
         _model(id="px", family="pixart-sigma", tp_degree=32, batch_sizes=[1]),
         _model(id="px1", family="pixart-sigma", tp_degree=1),
+        _model(id="lcm", defaults={"sampler": "LCM", "steps": 50, "cfg_scale": 0}),
+        _model(id="turbo", defaults={"sampler": "Euler a SGM Uniform", "steps": 1, "cfg_scale": 0.0}),
     ], default_model="m2", artifacts_dir="out/compiled")
     registry = load_registry(path)
     assert registry.default_model == "m2" and registry.artifacts_dir == tmp_path.resolve() / "out/compiled"
-    first, second, third, px, px1 = registry.models
+    first, second, third, px, px1, lcm, turbo = registry.models
+    # CFG 0 (no guidance: few-step models) is a valid default; LCM runs up to 50 steps
+    assert lcm.defaults == Defaults(sampler="LCM", steps=50, cfg_scale=0.0)
+    assert turbo.defaults == Defaults(sampler="Euler a SGM Uniform", steps=1, cfg_scale=0.0)
     assert (first.title, first.dtype, first.batch_sizes, first.max_batch) == ("First", "bf16", (1, 4, 16), 16)
     assert first.defaults == Defaults(sampler="Euler a", steps=1, cfg_scale=1.0)
     assert isinstance(first.defaults.cfg_scale, float) and isinstance(first.scaling.target_ongoing_requests, float)
