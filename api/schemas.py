@@ -78,7 +78,7 @@ class GenerationFields(_Lenient):
     batch_size: int = Field(1, ge=1, le=MAX_IMAGES, description="Images per batch (batch_size * n_iter images in all, at most 16).")
     n_iter: int = Field(1, ge=1, le=MAX_IMAGES, description="Number of batches.")
     steps: Optional[int] = Field(None, ge=1, le=150, description="Sampling steps; default: the model's.")
-    cfg_scale: Optional[float] = Field(None, ge=1, le=30, description="Classifier-free guidance scale; default: the model's.")
+    cfg_scale: Optional[float] = Field(None, ge=0, le=30, description="Classifier-free guidance scale (at most 1: no unconditional half, as few-step models use); default: the model's.")
     width: Optional[int] = Field(None, ge=64, le=2048, description="Default: the model's first compiled size. Fixed-shape backends accept compiled sizes only.")
     height: Optional[int] = Field(None, ge=64, le=2048, description="See width.")
     restore_faces: Optional[bool] = Field(None, description="Not available here; false or null.")

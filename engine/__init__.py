@@ -8,11 +8,11 @@ from .outputs import OutputStore
 from .ratelimit import RateLimited, RateLimiter, client_key
 from .registry import Registry, load_registry
 from .scheduler import Job, QueueSnapshot
-from .types import GeneratedImage, GenerateRequest, GenerateResult, HiresFix, Progress, Size, VariantKey
+from .types import INPAINT_FILLS, GeneratedImage, GenerateRequest, GenerateResult, HiresFix, Inpaint, Progress, Size, VariantKey
 
 __all__ = [
     "Engine", "EngineSettings", "LoraInfo", "ModelInfo", "ReplicaTarget", "Registry", "load_registry", "Job", "QueueSnapshot", "OutputStore",
-    "GenerateRequest", "GenerateResult", "GeneratedImage", "HiresFix", "Progress", "Size", "VariantKey",
+    "GenerateRequest", "GenerateResult", "GeneratedImage", "HiresFix", "Inpaint", "INPAINT_FILLS", "Progress", "Size", "VariantKey",
     "EngineError", "RegistryError", "UnknownModel", "UnsupportedResolution", "InvalidRequest", "UnknownSampler",
     "ArtifactMissing", "ArtifactMismatch", "ArtifactCorrupt", "BackendUnavailable", "ReplicaUnavailable", "ModelLoadError",
     "CompileError", "HIRES_UPSCALERS", "OutputWriteError", "Cancelled", "RateLimited", "RateLimiter", "client_key",

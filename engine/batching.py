@@ -22,6 +22,7 @@ import torch
 
 from .errors import Cancelled
 from .infotext import png_with_parameters
+from .inpaint import overlay, whole_image_kwargs
 from .pipelines import WarmPipeline
 from .preview import latent_preview
 from .prompts import truncation_notices
@@ -105,12 +106,15 @@ class BatchRun:
 
     def _call(self, rows: list[Row]) -> None:
         resolved = self.work.resolved
-        pipe = self.warm.view(self.mode, resolved.sampler)
+        mode, kwargs = self.mode, self.kwargs(rows)
+        if mode != "inpaint" and self.warm.inpainting:  # an inpainting UNet runs everything as inpaint
+            mode, kwargs = "inpaint", whole_image_kwargs(kwargs, self.size)
+        pipe = self.warm.view(mode, resolved.sampler)
         seed_scheduler(pipe.scheduler, [row.seed for row in rows])
         callback = _BatchCallback(self, rows)
         self.clock.start()
         try:
-            output = pipe(**self.kwargs(rows), callback_on_step_end=callback)
+            output = pipe(**kwargs, callback_on_step_end=callback)
         except _AllLeft:
             return
         finally:
@@ -121,6 +125,9 @@ class BatchRun:
             if self.describe is None:
                 self.outputs[row] = image
                 continue
+            inpainted = row.job.payload.resolved.inpaint
+            if inpainted is not None and self.mode == "inpaint":  # the original back outside the mask
+                image = overlay(image, inpainted)
             infotext = self.describe(row.job.payload, row.seed)
             self.images[row.job].append(GeneratedImage(image, row.seed, infotext, png_with_parameters(image, infotext)))
 

@@ -12,6 +12,7 @@ from .backends.base import Backend
 from .batching import BatchRun, Row, generators, per_row
 from .hires import HiresPlan, second_pass_images
 from .images import fit_image
+from .inpaint import inpaint_infotext, inpaint_kwargs
 from .infotext import format_infotext
 from .pipelines import WarmPipeline, load_compiled, load_eager, warm_up
 from .placement import CorePlan, Footprint, PlacedBackend, footprint_from_manifest
@@ -437,7 +438,8 @@ class Engine:
             return None
         r, request = payload.resolved, payload.request
         strength = request.strength if request.init_image is not None else None
-        return (r.spec.id, r.size, request.mode, r.sampler, r.steps, r.cfg_scale, strength, r.hires)
+        fill = request.inpaint.fill if request.inpaint is not None else None
+        return (r.spec.id, r.size, request.mode, r.sampler, r.steps, r.cfg_scale, strength, r.hires, fill)
 
     def _batch_limit(self, payload: Any) -> int:
         return self._rows_per_call(payload.resolved.spec) if isinstance(payload, _Work) else 1
@@ -461,7 +463,10 @@ class Engine:
             # a hires first pass upscaling latents is not decoded
             "output_type": "latent" if resolved.hires is not None and resolved.hires.on_latents else "pil",
         }
-        if first.request.init_image is not None:
+        if first.resolved.inpaint is not None:
+            kwargs.update(inpaint_kwargs([w.resolved.inpaint for w in works], first.request.inpaint.fill, resolved.size),
+                          strength=first.request.strength)
+        elif first.request.init_image is not None:
             images = [fit_image(w.request.init_image, resolved.size, w.request.resize_mode) for w in works]
             kwargs.update(image=per_row(images), strength=first.request.strength)
         else:
@@ -494,6 +499,7 @@ def _infotext(request: GenerateRequest, resolved: Resolved, seed: int, backend: 
         "Lora hashes": ", ".join(f"{lora.name}: {lora.short_hash}" for lora in resolved.spec.loras) or None,
         "Denoising strength": request.strength if request.init_image is not None else None,
         **(resolved.hires.infotext() if resolved.hires is not None else {}),
+        **(inpaint_infotext(request.inpaint) if request.inpaint is not None else {}),
         "Backend": backend,
     }
     return format_infotext(request.prompt, request.negative_prompt, params)

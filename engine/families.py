@@ -28,8 +28,9 @@ TEXT_LENGTH = 77
 
 @dataclass(frozen=True)
 class Family:
-    """``txt2img_pipeline`` / ``img2img_pipeline``: a diffusers class name, or ``module:Class`` for one of
-    ours; an empty ``img2img_pipeline`` means the family has no img2img. ``denoiser``: the UNet or the
+    """``txt2img_pipeline`` / ``img2img_pipeline`` / ``inpaint_pipeline``: a diffusers class name, or
+    ``module:Class`` for one of ours; an empty ``img2img_pipeline`` means the family has no img2img
+    (nor inpaint). ``denoiser``: the UNet or the
     PixArt transformer. ``refused_samplers``: A1111 sampler names this family does not run, with why."""
 
     name: str
@@ -37,6 +38,7 @@ class Family:
     has_added_conditions: bool
     txt2img_pipeline: str
     img2img_pipeline: str
+    inpaint_pipeline: str = ""
     denoiser: str = UNET
     text_length: int = TEXT_LENGTH
     refused_samplers: Mapping[str, str] = field(default_factory=dict)
@@ -80,11 +82,13 @@ def unet_batch_of(component: str) -> int:
 
 
 FAMILIES: dict[str, Family] = {
-    "sd15": Family("sd15", (TEXT_ENCODER,), False, "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
-    "sd21": Family("sd21", (TEXT_ENCODER,), False, "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
+    "sd15": Family("sd15", (TEXT_ENCODER,), False, "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
+                   "StableDiffusionInpaintPipeline"),
+    "sd21": Family("sd21", (TEXT_ENCODER,), False, "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
+                   "StableDiffusionInpaintPipeline"),
     "sdxl": Family(
         "sdxl", (TEXT_ENCODER, TEXT_ENCODER_2), True,
-        "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+        "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
     ),
 }
 PIXART_SIGMA = "pixart-sigma"

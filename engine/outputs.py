@@ -38,7 +38,8 @@ class OutputStore:
     def save(self, mode: str, image: GeneratedImage, today: Optional[date] = None) -> Path:
         """Write the PNG under a hidden temporary name, then link it to its numbered name: a crash or a
         full disk never leaves a partial PNG that looks finished, and no name is ever overwritten."""
-        folder = self.root / f"{mode}-images" / (today or date.today()).isoformat()
+        kind = "img2img" if mode == "inpaint" else mode  # A1111 keeps inpaint results with img2img's
+        folder = self.root / f"{kind}-images" / (today or date.today()).isoformat()
         with self._lock:
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=folder, prefix=f".partial-{os.getpid()}-", suffix=".png",

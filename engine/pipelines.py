@@ -20,6 +20,7 @@ from . import artifacts
 from .backends.base import Backend
 from .compiled_modules import CompiledTextEncoder, CompiledUNet, CompiledVAE
 from .families import FAMILIES, UNET, VAE_DECODER, VAE_ENCODER, Family, is_unet
+from .inpaint import is_inpainting_unet, whole_image_kwargs
 from .registry import ModelSpec, Registry
 from .samplers import make_scheduler
 from .sources import TORCH_DTYPES, ComponentLoader, load_parts, pipeline_class_for
@@ -42,6 +43,11 @@ class WarmPipeline:
     @property
     def family(self) -> Family:
         return FAMILIES[self.spec.family]
+
+    @property
+    def inpainting(self) -> bool:
+        """Whether the UNet is an inpainting one (9 input channels): every mode then runs as inpaint."""
+        return UNET in self.components and is_inpainting_unet(self.components[UNET])
 
     def view(self, mode: str, sampler: str) -> Any:
         """A fresh diffusers pipeline for one request: shared components, a scheduler of its own."""
@@ -159,10 +165,11 @@ def warm_up(warm: WarmPipeline, steps: int = 2) -> float:
     with warm.lock:
         # every compiled UNet batch size once: the batch-1 graph with the full warm-up, larger ones a step each
         for batch, batch_steps in ((1, steps), *((b, 1) for b in warm.spec.batch_sizes[1:])):
-            pipe = warm.view("txt2img", warm.spec.defaults.sampler)
-            pipe(prompt=["warm-up"] * batch, num_inference_steps=batch_steps,
-                 guidance_scale=max(2.0, warm.spec.defaults.cfg_scale), width=size.width, height=size.height,
-                 generator=torch.Generator("cpu").manual_seed(0), output_type="np")
+            kwargs = dict(prompt=["warm-up"] * batch, num_inference_steps=batch_steps,
+                          guidance_scale=max(2.0, warm.spec.defaults.cfg_scale), width=size.width, height=size.height,
+                          generator=torch.Generator("cpu").manual_seed(0), output_type="np")
+            mode = "inpaint" if warm.inpainting else "txt2img"
+            warm.view(mode, warm.spec.defaults.sampler)(**(whole_image_kwargs(kwargs, size) if warm.inpainting else kwargs))
         if warm.family.has_img2img:
             warm.components["vae"].encode(torch.zeros(1, 3, size.height, size.width))
     warm.warmup_seconds = time.perf_counter() - started

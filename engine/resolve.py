@@ -18,6 +18,7 @@ from .errors import InvalidRequest, UnsupportedResolution
 from .families import FAMILIES
 from .hires import HiresPlan
 from .hires import plan_hires as plan_hires_fix
+from .inpaint import InpaintInputs, check_inpaint, prepare
 from .lora import select_variant
 from .prompts import lora_tags
 from .registry import ModelSpec, Registry
@@ -41,6 +42,7 @@ class Resolved:
     size: Size
     seed: int
     hires: Optional[HiresPlan] = None
+    inpaint: Optional[InpaintInputs] = None  # the image and mask an inpaint request's pipeline reads
 
 
 @dataclass(frozen=True)
@@ -60,12 +62,13 @@ class Resolver:
         check_sampler_for(spec.family, spec.id, sampler)
         if request.init_image is not None and not FAMILIES[spec.family].has_img2img:
             raise InvalidRequest(
-                f"img2img is not available for {spec.id}: the {spec.family} family has no img2img pipeline "
-                f"(diffusers has none for it); use txt2img with this model, or pick another model for img2img")
+                f"{request.mode} is not available for {spec.id}: the {spec.family} family has no {request.mode} "
+                f"pipeline (diffusers has none for it); use txt2img with this model, or pick another model for "
+                f"{request.mode}")
         steps = spec.defaults.steps if request.steps is None else request.steps
         cfg = spec.defaults.cfg_scale if request.cfg_scale is None else request.cfg_scale
         check_range("steps", steps, 1, MAX_STEPS, whole=True)
-        check_range("CFG scale", cfg, 1.0, 30.0)
+        check_range("CFG scale", cfg, 0.0, 30.0)  # at most 1: no unconditional half (few-step models)
         cfg = float(cfg)
         check_range("number of images", request.num_images, 1, MAX_IMAGES, whole=True)
         if request.init_image is not None:
@@ -78,7 +81,11 @@ class Resolver:
         check_range("seed", seed, 0, MAX_SEED, whole=True)
         size = self.check_size(spec, request.size or spec.default_size)
         hires = self.plan_hires(spec, request, size, int(steps)) if request.hires is not None else None
-        return Resolved(spec, sampler, int(steps), cfg, size, int(seed), hires)
+        inpaint = None
+        if request.inpaint is not None:
+            check_inpaint(request.inpaint, request.init_image)
+            inpaint = prepare(request.init_image, request.inpaint, size, request.resize_mode)
+        return Resolved(spec, sampler, int(steps), cfg, size, int(seed), hires, inpaint)
 
     def plan_hires(self, spec: ModelSpec, request: GenerateRequest, size: Size, steps: int) -> HiresPlan:
         if request.init_image is not None:

@@ -162,7 +162,11 @@ def pipeline_class_for(family: str, mode: str) -> Any:
     import diffusers
 
     fam = FAMILIES[family]
-    name = fam.txt2img_pipeline if mode == "txt2img" else fam.img2img_pipeline
+    name = {"txt2img": fam.txt2img_pipeline, "img2img": fam.img2img_pipeline, "inpaint": fam.inpaint_pipeline}[mode]
+    if mode == "inpaint":  # with A1111's latent noise / latent nothing fills
+        from .inpaint import fill_pipeline
+
+        return fill_pipeline(getattr(diffusers, name))
     if ":" in name:  # one of ours, "module:Class" (e.g. PixArt-Sigma's serving pipeline)
         import importlib
 

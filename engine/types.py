@@ -11,6 +11,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
 
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
+# A1111's "masked content" choices, in the order of its API's ``inpainting_fill`` (0-3)
+INPAINT_FILLS = ("fill", "original", "latent noise", "latent nothing")
 
 
 @dataclass(frozen=True, order=True)
@@ -78,6 +80,21 @@ class HiresFix:
 
 
 @dataclass(frozen=True)
+class Inpaint:
+    """A1111's inpaint settings for an img2img request: repaint where ``mask`` is white (or, with
+    ``invert``, black), blurred by ``blur`` pixels; ``fill``: what the masked area starts from
+    (``INPAINT_FILLS``); ``only_masked``: redraw only the mask's region (plus ``padding`` pixels) at
+    the request's size and paste it back into the full-size original."""
+
+    mask: "Image.Image"
+    blur: int = 4
+    fill: str = "original"
+    only_masked: bool = False
+    padding: int = 32
+    invert: bool = False
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
     """Everything one generation needs. ``None`` fields take the model's registry defaults.
 
@@ -98,10 +115,13 @@ class GenerateRequest:
     strength: float = 0.75
     resize_mode: str = "just resize"
     hires: Optional[HiresFix] = None  # txt2img only
+    inpaint: Optional[Inpaint] = None  # img2img only: repaint the masked area
 
     @property
     def mode(self) -> str:
-        return "img2img" if self.init_image is not None else "txt2img"
+        if self.init_image is None:
+            return "txt2img"
+        return "inpaint" if self.inpaint is not None else "img2img"
 
 
 @dataclass(frozen=True)

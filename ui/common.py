@@ -486,7 +486,7 @@ def parameter_controls(ctx: AppContext, tab: str, info: Optional[ModelInfo]) -> 
         height = Slider(64, 2048, step=8, value=first.height, label="Height", elem_id=f"{tab}_height",
                            visible=not ctx.fixed_shape)
         batch_count = Slider(1, MAX_BATCH, step=1, value=1, label="Batch count", elem_id=f"{tab}_batch_count")
-    cfg_scale = Slider(1, 30, step=0.5, value=defaults.cfg_scale if defaults else 7.0, label="CFG Scale",
+    cfg_scale = Slider(0, 30, step=0.5, value=defaults.cfg_scale if defaults else 7.0, label="CFG Scale",
                           elem_id=f"{tab}_cfg_scale")
     with gr.Row(equal_height=True, elem_id=f"{tab}_seed_row"):
         seed = Number(-1, label="Seed", precision=0, elem_id=f"{tab}_seed", scale=6, minimum=-1, maximum=MAX_SEED)
