@@ -291,12 +291,22 @@ def apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     ``[chunks, 77]``: per chunk, ``z * weight``, then rescaled by ``mean(z) / mean(z * weight)``
     (means over the whole chunk, all tokens and channels; A1111 encodes one chunk per call).
     Computed in float32 (A1111's float32 multipliers promote a half-precision z), returned in
-    ``hidden``'s dtype. Weights of 1.0 give back ``hidden`` bit for bit."""
+    ``hidden``'s dtype.
+
+    A chunk whose weights are all 1.0 is returned as it is: bit for bit what A1111 computes
+    (``z * 1 * (m / m)``) unless its mean ``m`` is exactly 0, where A1111 divides 0 by 0 (NaN). For
+    the same reason a weighted chunk whose weighted mean is exactly 0 is not rescaled. Neither
+    happens with trained encoders; a random-weight one's final layer norm (weight 1, bias 0)
+    gives a mean of 0."""
+    weights = weights.to(device=hidden.device, dtype=torch.float32)
     z = hidden.float()
     original_mean = z.mean(dim=(1, 2), keepdim=True)
-    weighted = z * weights.to(device=z.device, dtype=torch.float32)[..., None]
-    weighted = weighted * (original_mean / weighted.mean(dim=(1, 2), keepdim=True))
-    return weighted.to(hidden.dtype)
+    weighted = z * weights[..., None]
+    weighted_mean = weighted.mean(dim=(1, 2), keepdim=True)
+    rescale = torch.where(weighted_mean == 0, torch.ones_like(weighted_mean), original_mean / weighted_mean)
+    weighted = (weighted * rescale).to(hidden.dtype)
+    unweighted_chunks = (weights == 1.0).all(dim=1)[:, None, None]
+    return torch.where(unweighted_chunks, hidden, weighted)
 
 
 def _concatenate_chunks(hidden: torch.Tensor) -> torch.Tensor:

@@ -294,6 +294,17 @@ def test_weights_of_one_leave_the_encoder_output_exactly(sd1_tokenizer, dtype: t
     assert torch.equal(embeds, hidden.reshape(1, 154, 8))
 
 
+def test_a_chunk_with_a_mean_of_zero_gives_no_nan(sd1_tokenizer) -> None:
+    """Every token [1, -1] (mean 0, as after a random encoder's final layer norm): A1111 would
+    divide 0 by 0. Unweighted chunks come back as they are; a weighted one whose weighted mean is
+    still 0 is weighted but not rescaled."""
+    hidden = torch.tensor([1.0, -1.0]).expand(2, 77, 2).clone()
+    embeds = encode_chunks(lambda ids: hidden, chunk_prompt(sd1_tokenizer, "(b:2) BREAK a"))
+    expected = torch.tensor([1.0, -1.0]).expand(1, 154, 2).clone()
+    expected[0, 1] = torch.tensor([2.0, -2.0])
+    assert torch.equal(embeds, expected)
+
+
 @pytest.mark.parametrize("tokenizer_name", ["sd1_tokenizer", "sd2_tokenizer"])
 def test_a_plain_prompt_encodes_exactly_as_the_diffusers_pipeline(tokenizer_name: str, request) -> None:
     """Through a real (tiny, random) CLIP text encoder: the same ids and weights of 1.0 give the
