@@ -8,7 +8,7 @@ them. Request models accept every field A1111 has (and unknown ones, reported ba
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -136,17 +136,17 @@ class Img2ImgRequest(GenerationFields):
     init_images: list[str] = Field(..., min_length=1, description="Base64 images (a data: URI prefix is allowed); image i of the request starts from init_images[i % len].")
     resize_mode: int = Field(0, ge=0, le=3, description="0 just resize, 1 crop and resize, 2 resize and fill (3, latent upscale, is not available).")
     image_cfg_scale: Optional[float] = Field(None, description="instruct-pix2pix only; accepted and ignored.")
-    mask: Optional[str] = Field(None, description="Inpainting: not available yet; null.")
-    mask_blur_x: int = Field(4, description="Inpainting only.")
-    mask_blur_y: int = Field(4, description="Inpainting only.")
-    mask_blur: Optional[int] = Field(None, description="Inpainting only.")
-    mask_round: bool = Field(True, description="Inpainting only.")
-    inpainting_fill: int = Field(0, description="Inpainting only.")
-    inpaint_full_res: Any = Field(True, description="Inpainting only.")
-    inpaint_full_res_padding: int = Field(0, description="Inpainting only.")
-    inpainting_mask_invert: int = Field(0, description="Inpainting only.")
+    mask: Optional[str] = Field(None, description="Inpainting: a base64 mask image the size of init_images[0], white where to repaint (an RGBA image's alpha counts); null: plain img2img.")
+    mask_blur_x: int = Field(4, ge=0, le=64, description="Inpainting: mask blur in pixels (must equal mask_blur_y).")
+    mask_blur_y: int = Field(4, ge=0, le=64, description="Inpainting: mask blur in pixels (must equal mask_blur_x).")
+    mask_blur: Optional[int] = Field(None, ge=0, le=64, description="Inpainting: mask blur in pixels (sets both mask_blur_x and mask_blur_y).")
+    mask_round: bool = Field(True, description="Inpainting: the latent mask is rounded (only true is available).")
+    inpainting_fill: int = Field(0, ge=0, le=3, description="Inpainting, masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing.")
+    inpaint_full_res: Union[bool, int] = Field(True, description="Inpainting area: true (1) only masked (the region around the mask at the request's size, pasted back), false (0) whole picture.")
+    inpaint_full_res_padding: int = Field(0, ge=0, le=256, description="Inpainting, only masked: pixels around the mask's region.")
+    inpainting_mask_invert: int = Field(0, ge=0, le=1, description="Inpainting: 1 repaints the black (unmasked) area instead.")
     initial_noise_multiplier: Optional[float] = Field(None, description="Only null or 1.")
-    latent_mask: Optional[str] = Field(None, description="Inpainting only.")
+    latent_mask: Optional[str] = Field(None, description="Not available here: must be null (the mask serves both).")
     include_init_images: bool = Field(False, description="Echo init_images in the response's parameters.")
 
 

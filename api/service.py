@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
-from engine import (Cancelled, Engine, GeneratedImage, GenerateRequest, GenerateResult, HiresFix, ModelInfo,
-                    OutputStore, RateLimiter, Size, UnknownModel)
+from engine import (Cancelled, Engine, GeneratedImage, GenerateRequest, GenerateResult, HiresFix, InvalidRequest,
+                    ModelInfo, OutputStore, RateLimiter, Size, UnknownModel)
 from engine.samplers import canonical_sampler
-from engine.types import RESIZE_MODES
+from engine.types import INPAINT_FILLS, RESIZE_MODES, Inpaint
 
 from .auth import Credentials
 from .images import FieldError, image_from_field, png_base64
@@ -63,8 +63,8 @@ _NOT_AVAILABLE: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("hr_prompt", bool, "a different prompt for the hires pass is not available here; send \"\""),
     ("hr_negative_prompt", bool, "a different negative prompt for the hires pass is not available here; send \"\""),
     ("firstpass_image", bool, "a given first pass is not available here; send null"),
-    ("mask", bool, "inpainting is not available yet; send null"),
-    ("latent_mask", bool, "inpainting is not available yet; send null"),
+    ("latent_mask", bool, "a separate latent mask is not available here; send null (the mask serves both)"),
+    ("mask_round", lambda v: v is False, "an unrounded latent mask is not available here; send true"),
     ("resize_mode", lambda v: v == 3, "3 (just resize, latent upscale) is not available here; use 0, 1 or 2"),
     ("initial_noise_multiplier", lambda v: v not in (None, 1), "not available here; send 1"),
 )
@@ -227,12 +227,29 @@ def _img2img_parts(ctx: ApiContext, request: Any, base: GenerateRequest) -> list
     images = [image_from_field(text, f"init_images[{i}]", ctx.allow_image_urls)
               for i, text in enumerate(request.init_images)]
     strength = 0.75 if request.denoising_strength is None else request.denoising_strength
-    base = replace(base, strength=strength, resize_mode=RESIZE_MODES[request.resize_mode])
+    base = replace(base, strength=strength, resize_mode=RESIZE_MODES[request.resize_mode],
+                   inpaint=inpaint_of(ctx, request))
     if len(images) == 1:
         return [replace(base, init_image=images[0], seed=base.seed + i * request.batch_size)
                 for i in range(request.n_iter)]
     total = request.batch_size * request.n_iter
     return [replace(base, init_image=images[i % len(images)], seed=base.seed + i, num_images=1) for i in range(total)]
+
+
+def inpaint_of(ctx: ApiContext, request: Any) -> Optional[Inpaint]:
+    """A1111's inpaint fields (``mask``, ``mask_blur``, ``inpainting_fill``, ``inpaint_full_res``,
+    ``inpaint_full_res_padding``, ``inpainting_mask_invert``) as the engine's ``Inpaint``."""
+    if not request.mask:
+        return None
+    blur = request.mask_blur
+    if blur is None:
+        if request.mask_blur_x != request.mask_blur_y:
+            raise InvalidRequest(f"mask_blur_x {request.mask_blur_x} and mask_blur_y {request.mask_blur_y} differ: "
+                                 "one blur for both directions is available here; send mask_blur")
+        blur = request.mask_blur_x
+    return Inpaint(image_from_field(request.mask, "mask", ctx.allow_image_urls), blur=blur,
+                   fill=INPAINT_FILLS[request.inpainting_fill], only_masked=bool(request.inpaint_full_res),
+                   padding=request.inpaint_full_res_padding, invert=bool(request.inpainting_mask_invert))
 
 
 async def generate(ctx: ApiContext, request: GenerationFields, mode: str, owner: str) -> Generation:

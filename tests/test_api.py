@@ -442,3 +442,54 @@ def test_metrics_count_requests_images_latency_and_queue(api):
     assert sample(after, "sd_request_seconds_count", model="tiny-sd15") >= 1
     assert sample(after, "sd_queue_waiting", model="tiny-sd15") == 0
     assert sample(after, "sd_replicas", model="tiny-sd15", state="ready") == 1
+
+
+def test_img2img_inpaints_with_a1111s_fields(api, api_engine):
+    from test_inpaint import square_mask, textured
+
+    from engine import GenerateRequest, Inpaint, Size
+
+    body = {"prompt": "a red ball", "init_images": [b64_png(textured())], "mask": b64_png(square_mask()),
+            "mask_blur": 3, "inpainting_fill": 2, "inpaint_full_res": False, "denoising_strength": 0.8,
+            "steps": 4, "seed": 8, "sampler_name": "Euler", "cfg_scale": 6, "width": 64, "height": 64}
+    response = api.post("/sdapi/v1/img2img", json=body)
+    assert response.status_code == 200, response.text
+    image = decode(response.json()["images"][0])
+    params = parse_infotext(image.info["parameters"])
+    assert params["Mask blur"] == "3" and params["Masked content"] == "latent noise" and "Inpaint area" not in params
+    direct = api_engine.generate(GenerateRequest(
+        model="tiny-sd15", prompt="a red ball", sampler="Euler", steps=4, cfg_scale=6, seed=8, size=Size(64, 64),
+        init_image=textured(), strength=0.8, inpaint=Inpaint(square_mask(), blur=3, fill="latent noise")))
+    assert np.array_equal(pixels(image), pixels(direct.images[0].image))
+    # A1111's API defaults: only masked (inpaint_full_res true), padding 0, fill 0; blur x/y 4
+    default = api.post("/sdapi/v1/img2img", json={**body, "mask_blur": None, "inpainting_fill": 0,
+                                                  "inpaint_full_res": 1, "inpainting_mask_invert": 1})
+    params = parse_infotext(decode(default.json()["images"][0]).info["parameters"])
+    assert params["Inpaint area"] == "Only masked" and params["Masked area padding"] == "0"
+    assert params["Mask blur"] == "4" and params["Masked content"] == "fill"
+    assert params["Mask mode"] == "Inpaint not masked"
+
+
+@pytest.mark.parametrize("change, status, message", [
+    ({"mask_blur_x": 2, "mask_blur_y": 6}, 422, "mask_blur_x 2 and mask_blur_y 6 differ"),
+    ({"mask_round": False}, 400, "mask_round: an unrounded latent mask is not available here; send true"),
+    ({"latent_mask": "x"}, 400, "latent_mask: a separate latent mask is not available here"),
+    ({"mask": "bm90IGFuIGltYWdl"}, 422, "mask"),
+    ({"inpainting_fill": 4}, 422, "inpainting_fill"),
+])
+def test_bad_inpaint_fields_are_refused_naming_the_field(api, change, status, message):
+    from test_inpaint import square_mask, textured
+
+    body = {"prompt": "x", "init_images": [b64_png(textured())], "mask": b64_png(square_mask()), "steps": 2,
+            **change}
+    response = api.post("/sdapi/v1/img2img", json=body)
+    assert response.status_code == status and message in response.text, response.text
+
+
+def test_a_mask_of_another_size_is_refused(api):
+    from test_inpaint import square_mask, textured
+
+    response = api.post("/sdapi/v1/img2img", json={"prompt": "x", "init_images": [b64_png(textured())], "steps": 2,
+                                                    "mask": b64_png(square_mask(width=32))})
+    assert response.status_code == 422
+    assert "the mask is 32x64 and the image 64x64: they must be the same size" in response.text
