@@ -212,3 +212,46 @@ def test_hires_fix_from_the_accordion(page, screenshots):
     expect(page.locator("#txt2img_stats")).to_contain_text("64x96")
     page.screenshot(path=str(screenshots / "hires-fix-tiny.png"))
     page.locator("#txt2img_enable_hr input[type=checkbox]").uncheck()
+
+
+def test_inpaint_with_the_brush_in_the_browser(page, screenshots, tmp_path, ui_server):
+    """img2img → Inpaint: drop an image into the editor, paint a stroke, generate: the stroke's area
+    is redrawn, the corners are the input's own pixels (fitted to the generation size)."""
+    import numpy as np
+    from test_inpaint import textured
+    from ui_server import last_outputs
+
+    source = tmp_path / "inpaint-input.png"
+    textured().resize((256, 256)).save(source)
+    open_tab(page, "img2img")
+    page.get_by_role("tab", name="Inpaint", exact=True).click()
+    expect(page.locator("#img2img_mask_blur")).to_be_visible()  # the settings show on the inpaint sub-tabs
+    page.locator("#img2img_inpaint_editor input[type=file]").set_input_files(str(source))
+    canvas = page.locator("#img2img_inpaint_editor canvas").first
+    expect(canvas).to_be_visible()
+    page.wait_for_timeout(500)
+    box = canvas.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x - 30, y - 8)
+    page.mouse.down()
+    for dx in range(-30, 31, 5):
+        page.mouse.move(x + dx, y - 8)
+    for dx in range(30, -31, -5):
+        page.mouse.move(x + dx, y + 8)
+    page.mouse.up()
+    page.locator("#img2img_prompt textarea").fill("a green circle")
+    page.get_by_label("latent noise").check()
+    page.locator("#img2img_generate").click()
+    expect(page.locator("#img2img_gallery img").first).to_be_visible()
+    info = page.locator("#img2img_info textarea")
+    expect(info).to_have_value(re.compile(r"Mask blur: 4, Masked content: latent noise"))
+    page.screenshot(path=str(screenshots / "inpaint.png"), full_page=True)
+    saved, = last_outputs(ui_server, "img2img", 1)
+    out = np.asarray(Image.open(saved).convert("RGB"), dtype=np.int16)
+    fitted = np.asarray(textured().resize((256, 256)).resize((64, 64), Image.LANCZOS), dtype=np.int16)
+    corners = (slice(0, 8), slice(0, 8)), (slice(-8, None), slice(-8, None))
+    assert all(np.abs(out[c] - fitted[c]).max() <= 2 for c in corners)
+    assert np.abs(out - fitted).max() > 20  # the stroke's area was redrawn
+
+    page.get_by_role("tab", name="img2img", exact=True).last.click()  # back to plain img2img: settings hide
+    expect(page.locator("#img2img_mask_blur")).to_be_hidden()
