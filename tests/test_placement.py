@@ -17,6 +17,7 @@ from engine.placement import (GIB, CoreInventory, CorePlan, CoresBusy, Footprint
                               footprint_from_manifest, parse_core_list)
 from engine.pool import WarmPool
 from engine.types import ReplicaKey, Size, VariantKey
+from test_pool import WAIT_S, deadline, finish, start  # noqa: F401  (deadline: autouse, a hung pool fails)
 
 # Sizes of real artifacts, roughly: what the plan is for.
 SD21_FP32 = Footprint(unet_bytes=int(3.5 * GIB), other_bytes=int(1.6 * GIB))  # home core 5.1 GiB
@@ -350,18 +351,17 @@ def test_a_replica_being_loaded_is_listed_with_its_cores():
 
     def loader(r):
         started.set()
-        assert release.wait(10)
+        assert release.wait(WAIT_S)
         return Record(r, device_ids=plan.placement(r).device_ids)
 
     pool = WarmPool(loader, 2, core_plan=plan)
-    thread = threading.Thread(target=pool.ensure, args=(key("a"),))
-    thread.start()
-    assert started.wait(10)
+    thread = start(pool.ensure, key("a"))
+    assert started.wait(WAIT_S)
     try:
         assert [(i.key, i.device_ids, i.replica) for i in pool.loading()] == [(key("a"), (0, 1), 0)]
     finally:
         release.set()
-        thread.join(10)
+    finish(thread)
     assert pool.loading() == [] and pool.snapshot()[0].device_ids == (0, 1)
 
 
@@ -386,3 +386,42 @@ def test_a_failed_replica_caps_the_busy_leases_until_an_eviction_forgets_its_pai
         pass
     assert attempts == [0, 1, 0, 1]
     assert sorted(i.device_ids for i in pool.snapshot()) == [(0, 1), (2, 3)]
+
+
+def test_ensure_replicas_tries_a_failed_pair_again():
+    """A failed pair is avoided by busy leases, but an operator asking for replicas again (after fixing
+    the cores) gets it tried again."""
+    plan = CorePlan(cores(4), lambda k: SDXL_FP32)
+    broken, attempts = {1}, []
+
+    def loader(r):
+        attempts.append(plan.placement(r).pair_index)
+        if plan.placement(r).pair_index in broken:
+            raise RuntimeError("NRT: pair 1 is broken")
+        return Record(r, device_ids=plan.placement(r).device_ids)
+
+    pool = WarmPool(loader, 2, core_plan=plan, replicas=lambda k: 2)
+    with pool.lease(key("a")), pool.lease(key("a")):
+        pass
+    assert attempts == [0, 1]
+    broken.clear()
+    assert pool.ensure_replicas(key("a"), 2) == 2 and attempts == [0, 1, 1]
+    assert sorted(i.device_ids for i in pool.snapshot()) == [(0, 1), (2, 3)]
+
+
+def test_a_replica_that_cannot_be_placed_at_all_is_not_loaded():
+    """The plan refuses an extra replica outright (ModelTooLarge, a PlacementError): nothing loads
+    without cores; the warm replica serves every lease."""
+    plan = CorePlan(cores(8), lambda r: HUGE if r.index == 1 else SDXL_FP32)
+    loads = []
+
+    def loader(r):
+        loads.append(r.index)
+        return Record(r, device_ids=plan.placement(r).device_ids)
+
+    pool = WarmPool(loader, 2, core_plan=plan, replicas=lambda k: 2)
+    with pool.lease(key("a")) as first, pool.lease(key("a")) as second:
+        assert second is first
+    assert pool.ensure_replicas(key("a"), 2) == 1
+    assert loads == [0] and [i.replica for i in pool.snapshot()] == [0]
+    assert plan.placement(ReplicaKey(key("a"), 1)) is None
