@@ -227,3 +227,25 @@ def test_an_inpainting_model_also_makes_txt2img_images(inpainting_engine):
     made = reference_inpainting(source, image=Image.new("RGB", (64, 64), (127, 127, 127)),
                                 mask_image=Image.new("L", (64, 64), 255), strength=1.0)
     assert np.abs(ours - pixels(made)).max() <= 1
+
+
+def test_the_ui_turns_its_sub_tabs_into_the_request_image_and_inpaint():
+    from ui.inpaint import INPAINT, INPAINT_UPLOAD, inpaint_input
+
+    image, mask = textured(), square_mask()
+    assert inpaint_input("img2img", image, None, None, None, 4, None, None, None, 32) == (image, None)
+    stroke = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    stroke.paste((255, 255, 255, 255), (20, 20, 45, 45))
+    editor = {"background": image.convert("RGBA"), "layers": [stroke], "composite": None}
+    got, inpaint = inpaint_input(INPAINT, None, editor, None, None, 6, "Inpaint not masked", "latent nothing",
+                                 "Only masked", 16)
+    assert np.array_equal(pixels(got), pixels(image)) and np.array_equal(np.asarray(inpaint.mask), np.asarray(mask))
+    assert (inpaint.blur, inpaint.fill, inpaint.only_masked, inpaint.padding, inpaint.invert) == (
+        6, "latent nothing", True, 16, True)
+    got, inpaint = inpaint_input(INPAINT_UPLOAD, None, None, image, mask, 4, "Inpaint masked", "fill",
+                                 "Whole picture", 32)
+    assert got is image and inpaint.mask is mask and not inpaint.only_masked and not inpaint.invert
+    with pytest.raises(InvalidRequest, match="Inpaint upload needs both an image and a mask"):
+        inpaint_input(INPAINT_UPLOAD, None, None, image, None, 4, None, None, None, 32)
+    with pytest.raises(InvalidRequest, match="Inpaint needs an image: drop one into the editor"):
+        inpaint_input(INPAINT, None, {"background": None, "layers": []}, None, None, 4, None, None, None, 32)
