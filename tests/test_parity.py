@@ -61,7 +61,9 @@ def init_image() -> Image.Image:
 
 @pytest.fixture(scope="module")
 def reference_pipelines(compiled_registry):
-    """Plain diffusers pipelines (txt2img and img2img) per family, loaded once."""
+    """Plain diffusers pipelines (txt2img and img2img) per family, loaded once, with the model's own
+    scheduler config: each sampler is built from that, never from the scheduler the previous test set
+    (its options, e.g. trailing timesteps, would leak into the next sampler)."""
     from diffusers import (StableDiffusionImg2ImgPipeline, StableDiffusionPipeline,
                            StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline)
 
@@ -76,15 +78,16 @@ def reference_pipelines(compiled_registry):
         img2img = classes[family][1](**txt2img.components)
         for pipe in (txt2img, img2img):
             pipe.set_progress_bar_config(disable=True)
-        pipes[family] = (txt2img, img2img)
+        pipes[family] = (txt2img, img2img, dict(txt2img.scheduler.config))
     return pipes
 
 
-def reference(pipe, sampler: str, img2img: bool, cfg: float = CFG) -> np.ndarray:
+def reference(pipes, sampler: str, img2img: bool, cfg: float = CFG) -> np.ndarray:
     import diffusers
 
     name, options = DIFFUSERS_DOCS_TABLE[sampler]
-    config = {k: v for k, v in pipe.scheduler.config.items()
+    pipe, model_config = pipes[int(img2img)], pipes[2]
+    config = {k: v for k, v in model_config.items()
               if k not in ("algorithm_type", "use_karras_sigmas", "skip_prk_steps")}
     # Stable Diffusion never clips the predicted sample: real checkpoints say clip_sample: false in
     # their scheduler config (and StableDiffusionPipeline corrects a scheduler passed to it); the
@@ -110,7 +113,7 @@ def test_engine_equals_plain_diffusers(cpu_engine, reference_pipelines, family, 
     result = cpu_engine.generate(GenerateRequest(model=FAMILIES[family], prompt=PROMPT, negative_prompt=NEGATIVE,
                                                  sampler=sampler, steps=STEPS, cfg_scale=CFG, seed=SEED, **extra))
     ours = np.asarray(result.images[0].image.convert("RGB"), dtype=np.int16)
-    expected = reference(reference_pipelines[family][int(img2img)], sampler, img2img)
+    expected = reference(reference_pipelines[family], sampler, img2img)
     assert np.abs(ours - expected).max() <= 1, f"{family} {sampler} {'img2img' if img2img else 'txt2img'}"
 
 
@@ -124,9 +127,9 @@ def test_few_step_samplers_without_guidance_equal_plain_diffusers(cpu_engine, re
     result = cpu_engine.generate(GenerateRequest(model=FAMILIES[family], prompt=PROMPT, negative_prompt=NEGATIVE,
                                                  sampler=sampler, steps=STEPS, cfg_scale=cfg, seed=SEED, **extra))
     ours = np.asarray(result.images[0].image.convert("RGB"), dtype=np.int16)
-    expected = reference(reference_pipelines[family][int(img2img)], sampler, img2img, cfg)
+    expected = reference(reference_pipelines[family], sampler, img2img, cfg)
     label = f"{family} {sampler} {'img2img' if img2img else 'txt2img'} CFG {cfg:g}"
     assert np.abs(ours - expected).max() <= 1, label
     if cfg == NO_GUIDANCE_CFGS[-1]:  # CFG 0 and CFG 1 both run the conditional half alone: the same pixels
-        other = reference(reference_pipelines[family][int(img2img)], sampler, img2img, NO_GUIDANCE_CFGS[0])
+        other = reference(reference_pipelines[family], sampler, img2img, NO_GUIDANCE_CFGS[0])
         assert np.array_equal(other, expected), label
