@@ -122,9 +122,9 @@ def canonical_sampler(name: str, schedule: str = "automatic") -> str:
     if key is not None:
         if any(found.endswith(suffix) for suffix, _ in SCHEDULES.values()):
             return found
-        if found + SCHEDULES[key][0] in SAMPLERS:
-            return found + SCHEDULES[key][0]
         suffix = SCHEDULES[key][0]
+        if found + suffix in SAMPLERS:
+            return found + suffix
         having = [n[:-len(suffix)] for n in SAMPLERS if n.endswith(suffix)]
         raise InvalidRequest(f"schedule type {key!r} is not available for {found}; use 'automatic', or {key!r} "
                              f"with one of: {', '.join(having)}")
@@ -133,9 +133,14 @@ def canonical_sampler(name: str, schedule: str = "automatic") -> str:
                          f"{', '.join(others)} or {last}")
 
 
+def sampler_max_steps(name: str) -> int | None:
+    """The most steps sampler ``name`` runs (LCM: ``LCM_MAX_STEPS``), None where only the engine's limit applies."""
+    return LCM_MAX_STEPS if check_sampler(name).scheduler_class == "LCMScheduler" else None
+
+
 def check_steps_for(name: str, steps: int) -> None:
     """``InvalidRequest`` when sampler ``name`` cannot run ``steps`` steps (LCM: at most ``LCM_MAX_STEPS``)."""
-    if check_sampler(name).scheduler_class == "LCMScheduler" and steps > LCM_MAX_STEPS:
+    if (sampler_max_steps(name) or steps) < steps:
         raise InvalidRequest(f"sampler {name!r} runs at most {LCM_MAX_STEPS} steps (its timesteps come from the "
                              f"{LCM_MAX_STEPS}-step LCM distillation schedule); {steps} were asked for")
 
