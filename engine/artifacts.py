@@ -56,6 +56,8 @@ def fingerprint(spec: ModelSpec, size: Size, backend: str, stack_key: str) -> st
     }
     if spec.batch_sizes != (1,):  # (kept out for the default, so artifacts compiled before stay valid)
         identity["batch_sizes"] = list(spec.batch_sizes)
+    if spec.prompt_chunks != (1,):  # one UNet graph per prompt length
+        identity["prompt_chunks"] = list(spec.prompt_chunks)
     if spec.loras:  # fused into the weights: another file or scale is another artifact
         identity["loras"] = [{"sha256": lora.sha256, "scale": lora.scale} for lora in spec.loras]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

@@ -25,6 +25,7 @@ from .infotext import png_with_parameters
 from .inpaint import overlay, whole_image_kwargs
 from .pipelines import WarmPipeline
 from .preview import latent_preview
+from .prompt_embeds import CHUNKED_FAMILIES, with_prompt_embeds
 from .prompts import truncation_notices
 from .samplers import seed_scheduler
 from .scheduler import Job
@@ -110,6 +111,8 @@ class BatchRun:
         if mode != "inpaint" and self.warm.inpainting:  # an inpainting UNet runs everything as inpaint
             mode, kwargs = "inpaint", whole_image_kwargs(kwargs, self.size)
         pipe = self.warm.view(mode, resolved.sampler)
+        kwargs = with_prompt_embeds(self.warm.components, self.warm.spec.family, kwargs, resolved.prompt_chunks,
+                                    bool(pipe.config.get("force_zeros_for_empty_prompt", False)))
         seed_scheduler(pipe.scheduler, [row.seed for row in rows])
         callback = _BatchCallback(self, rows)
         self.clock.start()
@@ -143,11 +146,18 @@ class BatchRun:
             return Cancelled(self.left[job], images=tuple(self.images[job]))
         request: GenerateRequest = job.payload.request
         resolved = job.payload.resolved
-        notices = truncation_notices(self.warm.components["tokenizer"], request.prompt, request.negative_prompt,
-                                     self.warm.family.text_length)
+        notices = self._notices(request, resolved)
         return GenerateResult(request, resolved.spec.id, self.size, resolved.sampler, resolved.steps,
                               resolved.cfg_scale, resolved.seed, tuple(self.images[job]),
                               {**timings, "batch_requests": float(len(self.jobs))}, notices)
+
+
+    def _notices(self, request: GenerateRequest, resolved: Any) -> tuple[str, ...]:
+        """The words of a too-long prompt that were ignored, and what to do about it."""
+        if self.warm.spec.family in CHUNKED_FAMILIES:  # counted when the request was resolved
+            return resolved.notices
+        return truncation_notices(self.warm.components["tokenizer"], request.prompt, request.negative_prompt,
+                                  self.warm.family.text_length)
 
 
 class _BatchCallback:

@@ -103,8 +103,9 @@ def compile_variant(registry: Registry, spec: ModelSpec, size: Size, backend: Ba
 
 
 def _components(family: Family, spec: ModelSpec) -> tuple[str, ...]:
-    """The family's components, with one UNet artifact per compiled batch size (``unet``, ``unet_b4``)."""
-    unets = tuple(unet_component(batch) for batch in spec.batch_sizes)
+    """The family's components, with one UNet artifact per compiled batch size and prompt length
+    (``unet``, ``unet_b4``, ``unet_c2``, ``unet_b4_c2``)."""
+    unets = tuple(unet_component(batch, chunks) for chunks in spec.prompt_chunks for batch in spec.batch_sizes)
     return tuple(c for name in family.components for c in (unets if name == UNET else (name,)))
 
 
@@ -148,6 +149,7 @@ def _manifest(spec: ModelSpec, size: Size, backend: Backend, parts: ModelParts, 
         "backend": backend.name,
         "dtype": spec.dtype,
         "batch_sizes": list(spec.batch_sizes),
+        "prompt_chunks": list(spec.prompt_chunks),
         "tp_degree": backend.tensor_parallel_degree(spec),
         "source": {"kind": spec.source.kind, "ref": spec.source.ref, "revision": spec.source.revision,
                    "config": spec.source.config},

@@ -20,6 +20,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 Runner = Callable[..., Any]
+TOKENS_PER_CHUNK = 77  # a prompt chunk as the text encoder reads it: 75 tokens between start and end
 
 
 def run_fixed_batch(runner: Runner, batch: int, inputs: Sequence[torch.Tensor], dtype: torch.dtype) -> Any:
@@ -113,13 +114,18 @@ class CompiledTextEncoder(_StandIn):
 
 
 class CompiledUNet(_StandIn):
-    """The UNet from one compiled graph per batch size (``runners``: rows per call -> graph); a call
-    with more rows runs on the fewest graph calls that hold them (see ``run_best_batch``)."""
+    """The UNet from one compiled graph per batch size and prompt length (``runners``: (rows per call,
+    77-token chunks) -> graph); a call runs on the graphs of its prompt length, with more rows on
+    the fewest graph calls that hold them (see ``run_best_batch``)."""
 
-    def __init__(self, runners: Mapping[int, Runner], config: Mapping[str, Any], input_dtype: torch.dtype,
-                 device: torch.device, added_conditions: bool):
-        super().__init__(runners[min(runners)], min(runners), input_dtype, device)
-        object.__setattr__(self, "_runners", dict(runners))
+    def __init__(self, runners: Mapping[tuple[int, int], Runner], config: Mapping[str, Any],
+                 input_dtype: torch.dtype, device: torch.device, added_conditions: bool):
+        smallest = min(runners)
+        super().__init__(runners[smallest], smallest[0], input_dtype, device)
+        by_chunks: dict[int, dict[int, Runner]] = {}
+        for (rows, chunks), runner in runners.items():
+            by_chunks.setdefault(chunks, {})[rows] = runner
+        object.__setattr__(self, "_runners", by_chunks)
         self.config = FrozenDict(config)
         self._added_conditions = added_conditions
         if added_conditions:
@@ -137,7 +143,11 @@ class CompiledUNet(_StandIn):
             if not added_cond_kwargs:
                 raise ValueError("the SDXL UNet needs added_cond_kwargs with text_embeds and time_ids")
             inputs += [added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]]
-        out = run_best_batch(self._runners, inputs, self._input_dtype)
+        chunks = encoder_hidden_states.shape[1] // TOKENS_PER_CHUNK
+        if chunks not in self._runners or encoder_hidden_states.shape[1] % TOKENS_PER_CHUNK:
+            raise ValueError(f"no UNet is compiled for prompts of {encoder_hidden_states.shape[1]} tokens; compiled: "
+                             f"{', '.join(str(c * TOKENS_PER_CHUNK) for c in sorted(self._runners))}")
+        out = run_best_batch(self._runners[chunks], inputs, self._input_dtype)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
 

@@ -19,6 +19,7 @@ from .placement import CorePlan, Footprint, PlacedBackend, footprint_from_manife
 from .pool import WarmPool
 from .prompts import strip_extra_networks
 from .registry import ModelSpec, Registry, load_registry
+from .sources import load_parts
 from .resolve import Resolved, Resolver
 from .scheduler import Batching, CancelFlag, Job, QueueSnapshot, Scheduler
 from .types import GenerateRequest, GenerateResult, Progress, ReplicaKey, Size, VariantKey
@@ -139,6 +140,7 @@ class Engine:
             self.pool = WarmPool(self._load_variant, settings.max_warm, on_evict=_release_device_memory,
                                  core_plan=self.core_plan, replicas=self._replica_target)
         self._default_model = registry.default_model
+        self._tokenizers: dict[tuple[Any, ...], Any] = {}
         batching = Batching(key=self._batch_key, rows=lambda work: work.request.num_images,
                             limit=self._batch_limit, wait_s=settings.batch_wait_s)
         workers = max(settings.workers, sum(t.count for t in settings.replicas))
@@ -212,7 +214,14 @@ class Engine:
         return self._resolver().variant_state(spec, size)
 
     def _resolver(self) -> Resolver:
-        return Resolver(self.registry, self.backend)
+        return Resolver(self.registry, self.backend, self._tokenizer)
+
+    def _tokenizer(self, spec: ModelSpec) -> Any:
+        """``spec``'s (first) tokenizer, loaded once: counting a prompt's chunks needs no warm model."""
+        key = (spec.source.config_ref, spec.source.revision)
+        if key not in self._tokenizers:
+            self._tokenizers[key] = load_parts(spec).tokenizers["tokenizer"]
+        return self._tokenizers[key]
 
     def _resolve(self, request: GenerateRequest) -> Resolved:
         return self._resolver().resolve(request, self.default_model)
@@ -439,7 +448,8 @@ class Engine:
         r, request = payload.resolved, payload.request
         strength = request.strength if request.init_image is not None else None
         fill = request.inpaint.fill if request.inpaint is not None else None
-        return (r.spec.id, r.size, request.mode, r.sampler, r.steps, r.cfg_scale, strength, r.hires, fill)
+        return (r.spec.id, r.size, request.mode, r.sampler, r.steps, r.cfg_scale, strength, r.hires, fill,
+                r.prompt_chunks)
 
     def _batch_limit(self, payload: Any) -> int:
         return self._rows_per_call(payload.resolved.spec) if isinstance(payload, _Work) else 1

@@ -6,6 +6,7 @@ For serving: the diffusers pipeline classes that the compiled components are plu
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -67,18 +68,26 @@ class Family:
         return UNET_BATCH * unet_batch_of(component) if is_unet(component) else SINGLE_BATCH
 
 
-def unet_component(batch: int) -> str:
-    """The artifact name of the UNet compiled for ``batch`` requests: ``unet``, ``unet_b4``, …"""
-    return UNET if batch == 1 else f"{UNET}_b{batch}"
+def unet_component(batch: int, chunks: int = 1) -> str:
+    """The artifact name of the UNet compiled for ``batch`` requests and prompts of ``chunks`` 75-token
+    chunks: ``unet``, ``unet_b4``, ``unet_c2``, ``unet_b4_c2``, …"""
+    return UNET + (f"_b{batch}" if batch != 1 else "") + (f"_c{chunks}" if chunks != 1 else "")
 
 
 def is_unet(component: str) -> bool:
-    return component == UNET or component.startswith(f"{UNET}_b")
+    return component == UNET or re.fullmatch(rf"{UNET}(_b\d+)?(_c\d+)?", component) is not None
 
 
 def unet_batch_of(component: str) -> int:
     """Requests per call of a UNet artifact (``unet_b4`` → 4, ``unet`` → 1)."""
-    return int(component[len(UNET) + 2:]) if component != UNET else 1
+    found = re.search(r"_b(\d+)", component)
+    return int(found.group(1)) if found else 1
+
+
+def unet_chunks_of(component: str) -> int:
+    """Prompt chunks (77 tokens each) a UNet artifact reads (``unet_c2`` → 2, ``unet`` → 1)."""
+    found = re.search(r"_c(\d+)", component)
+    return int(found.group(1)) if found else 1
 
 
 FAMILIES: dict[str, Family] = {
@@ -240,7 +249,7 @@ def example_inputs(
         inputs: tuple[torch.Tensor, ...] = (
             torch.randn(batch, unet["in_channels"], *latent_hw, generator=generator),
             torch.full((batch,), 999.0),
-            torch.randn(batch, TEXT_LENGTH, _cross_attention_dim(unet), generator=generator),
+            torch.randn(batch, TEXT_LENGTH * unet_chunks_of(component), _cross_attention_dim(unet), generator=generator),
         )
         if family.has_added_conditions:
             time_ids_dim = 6

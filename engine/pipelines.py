@@ -19,8 +19,9 @@ import torch
 from . import artifacts
 from .backends.base import Backend
 from .compiled_modules import CompiledTextEncoder, CompiledUNet, CompiledVAE
-from .families import FAMILIES, UNET, VAE_DECODER, VAE_ENCODER, Family, is_unet
+from .families import FAMILIES, UNET, VAE_DECODER, VAE_ENCODER, Family, is_unet, unet_chunks_of
 from .inpaint import is_inpainting_unet, whole_image_kwargs
+from .prompt_embeds import with_prompt_embeds
 from .registry import ModelSpec, Registry
 from .samplers import make_scheduler
 from .sources import TORCH_DTYPES, ComponentLoader, load_parts, pipeline_class_for
@@ -115,7 +116,7 @@ def _load_compiled(registry: Registry, spec: ModelSpec, size: Size, backend: Bac
                             time.perf_counter() - started, tuple(device_ids))
     components: dict[str, Any] = {}
     # The UNet first and alone: it is most of the bytes, and host RAM peaks while it loads.
-    unets = {entries[name]["batch"]: runner(name) for name in entries if is_unet(name)}
+    unets = {(entries[name]["batch"], unet_chunks_of(name)): runner(name) for name in entries if is_unet(name)}
     components[UNET] = CompiledUNet(unets, parts.unet_config, dtype_of(UNET), device, family.has_added_conditions)
     for name in family.text_encoders:
         components[name] = CompiledTextEncoder(
@@ -156,24 +157,35 @@ def warm_up(warm: WarmPipeline, steps: int = 2) -> float:
 
     On Neuron the first inference of a loaded model is 3-4x slower (lazily loaded NEFFs reach their
     cores, the runtime allocates): a short txt2img generation with guidance (text encoders, the UNet
-    on both cores of its pair, the VAE decoder), one step at each larger compiled batch size, and one
-    VAE encode (img2img's first graph) pay that cost here instead of in the first users' requests.
+    on both cores of its pair, the VAE decoder), one step at each other compiled batch size and
+    prompt length, and one VAE encode (img2img's first graph) pay that cost here instead of in the
+    first users' requests.
     """
     started = time.perf_counter()
     size = warm.key.size
     assert size is not None, "warm-up is for fixed-shape (compiled) pipelines"
     with warm.lock:
-        # every compiled UNet batch size once: the batch-1 graph with the full warm-up, larger ones a step each
-        for batch, batch_steps in ((1, steps), *((b, 1) for b in warm.spec.batch_sizes[1:])):
-            kwargs = dict(prompt=["warm-up"] * batch, num_inference_steps=batch_steps,
+        # every compiled UNet graph once: batch 1 with the full warm-up, other batch sizes and prompt
+        # lengths a step each
+        graphs = ((1, 1, steps), *((b, 1, 1) for b in warm.spec.batch_sizes[1:]),
+                  *((b, c, 1) for c in warm.spec.prompt_chunks[1:] for b in warm.spec.batch_sizes))
+        for batch, chunks, graph_steps in graphs:
+            kwargs = dict(prompt=[" BREAK ".join(["warm-up"] * chunks)] * batch, num_inference_steps=graph_steps,
                           guidance_scale=max(2.0, warm.spec.defaults.cfg_scale), width=size.width, height=size.height,
                           generator=torch.Generator("cpu").manual_seed(0), output_type="np")
-            mode = "inpaint" if warm.inpainting else "txt2img"
-            warm.view(mode, warm.spec.defaults.sampler)(**(whole_image_kwargs(kwargs, size) if warm.inpainting else kwargs))
+            _warm_up_call(warm, size, kwargs, chunks)
         if warm.family.has_img2img:
             warm.components["vae"].encode(torch.zeros(1, 3, size.height, size.width))
     warm.warmup_seconds = time.perf_counter() - started
     return warm.warmup_seconds
+
+
+def _warm_up_call(warm: WarmPipeline, size: Size, kwargs: dict[str, Any], chunks: int) -> None:
+    mode = "inpaint" if warm.inpainting else "txt2img"
+    pipe = warm.view(mode, warm.spec.defaults.sampler)
+    kwargs = whole_image_kwargs(kwargs, size) if warm.inpainting else kwargs
+    pipe(**with_prompt_embeds(warm.components, warm.spec.family, kwargs, chunks,
+                              bool(pipe.config.get("force_zeros_for_empty_prompt", False))))
 
 
 class PeakRss:

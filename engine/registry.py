@@ -119,6 +119,8 @@ class ModelSpec:
     scaling: Scaling = Scaling()
     tp_degree: int = 1  # NeuronCores the sharded components span (PixArt-Sigma on Neuron; 1: no sharding)
     loras: tuple[LoraSpec, ...] = ()  # fused into the weights before compiling, in this order
+    # Prompt lengths the UNet is compiled for, in 75-token chunks (A1111's long prompts): 1 always.
+    prompt_chunks: tuple[int, ...] = (1,)
 
     @property
     def default_size(self) -> Size:
@@ -234,6 +236,7 @@ def _parse_model(check: _Checker, raw: Any, index: int) -> ModelSpec:
         scaling=_parse_scaling(check, model_id, raw.get("scaling", {})),
         tp_degree=_parse_tp_degree(check, model_id, family, raw),
         loras=_parse_loras(check, model_id, family, raw.get("loras", [])),
+        prompt_chunks=_parse_prompt_chunks(check, model_id, family, raw.get("prompt_chunks", [1])),
     )
 
 
@@ -361,7 +364,21 @@ def _parse_resolutions(check: _Checker, model_id: str, raw: Any) -> tuple[Size, 
     return tuple(sizes)
 
 
+MAX_PROMPT_CHUNKS = 8  # 600 tokens: every compiled chunk count is another UNet graph
 MAX_COMPILED_BATCH = 16
+
+
+def _parse_prompt_chunks(check: _Checker, model_id: str, family: str, raw: Any) -> tuple[int, ...]:
+    """Sorted, unique, 1 always included; PixArt-Sigma's T5 reads 300 tokens in one piece (no chunks)."""
+    expected = f"a list of whole numbers from 1 to {MAX_PROMPT_CHUNKS} such as [1, 2] (75 tokens each)"
+    if family in TENSOR_PARALLEL_FAMILIES and raw != [1]:
+        raise check.fail(model_id, "prompt_chunks", f"[1] for family {family} (its T5 reads 300 tokens at once)", raw)
+    if not isinstance(raw, list) or not raw:
+        raise check.fail(model_id, "prompt_chunks", expected, raw)
+    for index, item in enumerate(raw):
+        if not isinstance(item, int) or isinstance(item, bool) or not 1 <= item <= MAX_PROMPT_CHUNKS:
+            raise check.fail(model_id, f"prompt_chunks[{index}]", expected, item)
+    return tuple(sorted({1, *raw}))
 
 
 def _parse_batch_sizes(check: _Checker, model_id: str, raw: Any) -> tuple[int, ...]:

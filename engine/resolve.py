@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from PIL import Image
 
@@ -20,6 +20,7 @@ from .hires import HiresPlan
 from .hires import plan_hires as plan_hires_fix
 from .inpaint import InpaintInputs, check_inpaint, prepare
 from .lora import select_variant
+from .prompt_embeds import CHUNKED_FAMILIES, chunks_to_run, prompt_chunks_needed, prompt_notices
 from .prompts import lora_tags
 from .registry import ModelSpec, Registry
 from .samplers import check_sampler_for
@@ -43,6 +44,8 @@ class Resolved:
     seed: int
     hires: Optional[HiresPlan] = None
     inpaint: Optional[InpaintInputs] = None  # the image and mask an inpaint request's pipeline reads
+    prompt_chunks: int = 1  # 75-token chunks the text is encoded in (a compiled UNet prompt length)
+    notices: tuple[str, ...] = ()  # the words of a too-long prompt that are not read, and how to fix it
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class Resolver:
 
     registry: Registry
     backend: Backend
+    tokenizer_of: Optional[Callable[[ModelSpec], Any]] = None  # counts prompt chunks (None: one chunk)
 
     def resolve(self, request: GenerateRequest, default_model: str) -> Resolved:
         """``request`` checked and completed with the model's defaults (``default_model`` when it names
@@ -85,7 +89,20 @@ class Resolver:
         if request.inpaint is not None:
             check_inpaint(request.inpaint, request.init_image)
             inpaint = prepare(request.init_image, request.inpaint, size, request.resize_mode)
-        return Resolved(spec, sampler, int(steps), cfg, size, int(seed), hires, inpaint)
+        chunks, notices = self.prompt_chunks(spec, request)
+        return Resolved(spec, sampler, int(steps), cfg, size, int(seed), hires, inpaint, chunks, notices)
+
+    def prompt_chunks(self, spec: ModelSpec, request: GenerateRequest) -> tuple[int, tuple[str, ...]]:
+        """The 75-token chunks the prompt runs with (a compiled prompt length on fixed-shape backends)
+        and, when it needs more, the notices naming the words left out and the fix."""
+        if self.tokenizer_of is None or spec.family not in CHUNKED_FAMILIES:
+            return 1, ()
+        tokenizer = self.tokenizer_of(spec)
+        needed = prompt_chunks_needed(tokenizer, request.prompt, request.negative_prompt)
+        compiled = spec.prompt_chunks if self.backend.fixed_shape else None
+        chunks = chunks_to_run(needed, compiled)
+        return chunks, prompt_notices(tokenizer, request.prompt, request.negative_prompt, needed, chunks, spec.id,
+                                      compiled, str(self.registry.path))
 
     def plan_hires(self, spec: ModelSpec, request: GenerateRequest, size: Size, steps: int) -> HiresPlan:
         if request.init_image is not None:
