@@ -74,7 +74,7 @@ class GenerationFields(_Lenient):
     seed_resize_from_w: int = Field(-1, ge=-1, description="Not available here; -1 or 0.")
     sampler_name: Optional[str] = Field(None, description="A1111 sampler name or alias (see /sdapi/v1/samplers); default: the model's.")
     sampler_index: Optional[str] = Field(None, description="Legacy name of sampler_name (used when sampler_name is absent).")
-    scheduler: Optional[str] = Field(None, description="A1111 schedule type: automatic (the sampler's own) or karras.")
+    scheduler: Optional[str] = Field(None, description="A1111 schedule type: automatic (the sampler's own), karras or sgm_uniform (see /sdapi/v1/schedulers).")
     batch_size: int = Field(1, ge=1, le=MAX_IMAGES, description="Images per batch (batch_size * n_iter images in all, at most 16).")
     n_iter: int = Field(1, ge=1, le=MAX_IMAGES, description="Number of batches.")
     steps: Optional[int] = Field(None, ge=1, le=150, description="Sampling steps; default: the model's.")

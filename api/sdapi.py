@@ -15,7 +15,7 @@ import psutil
 from fastapi import APIRouter, Depends, Query
 
 from engine.infotext import PARAMETERS_KEY, parse_infotext
-from engine.samplers import sampler_aliases, sampler_names
+from engine.samplers import SCHEDULES, sampler_aliases, sampler_names
 
 from .auth import owner_for, rate_limit, require_user
 from .errors import ERROR_RESPONSES
@@ -79,7 +79,8 @@ def _listing_routes(router: APIRouter, ctx: ApiContext) -> None:
     @router.get("/schedulers", response_model=list[SchedulerItem], summary="Schedule types")
     def schedulers() -> list[SchedulerItem]:
         return [SchedulerItem(name="automatic", label="Automatic"),
-                SchedulerItem(name="karras", label="Karras", default_rho=7.0)]
+                *(SchedulerItem(name=name, label=label, default_rho=7.0 if name == "karras" else None)
+                  for name, (_, label) in SCHEDULES.items())]
 
     @router.get("/upscalers", response_model=list[UpscalerItem], summary="Upscalers (none yet)")
     def upscalers() -> list[UpscalerItem]:

@@ -23,7 +23,7 @@ from .lora import select_variant
 from .prompt_embeds import CHUNKED_FAMILIES, chunks_to_run, prompt_chunks_needed, prompt_notices
 from .prompts import lora_tags
 from .registry import ModelSpec, Registry
-from .samplers import check_sampler_for
+from .samplers import check_sampler_for, check_steps_for, sampler_max_steps
 from .types import GenerateRequest, Size
 
 MAX_STEPS = 150
@@ -72,6 +72,7 @@ class Resolver:
         steps = spec.defaults.steps if request.steps is None else request.steps
         cfg = spec.defaults.cfg_scale if request.cfg_scale is None else request.cfg_scale
         check_range("steps", steps, 1, MAX_STEPS, whole=True)
+        check_steps_for(sampler, int(steps))
         check_range("CFG scale", cfg, 0.0, 30.0)  # at most 1: no unconditional half (few-step models)
         cfg = float(cfg)
         check_range("number of images", request.num_images, 1, MAX_IMAGES, whole=True)
@@ -85,6 +86,9 @@ class Resolver:
         check_range("seed", seed, 0, MAX_SEED, whole=True)
         size = self.check_size(spec, request.size or spec.default_size)
         hires = self.plan_hires(spec, request, size, int(steps)) if request.hires is not None else None
+        if hires is not None:
+            check_steps_for(sampler, hires.steps)
+        self.check_partial_steps(sampler, int(steps), request, hires)
         inpaint = None
         if request.inpaint is not None:
             check_inpaint(request.inpaint, request.init_image)
@@ -103,6 +107,18 @@ class Resolver:
         chunks = chunks_to_run(needed, compiled)
         return chunks, prompt_notices(tokenizer, request.prompt, request.negative_prompt, needed, chunks, spec.id,
                                       compiled, str(self.registry.path))
+
+    @staticmethod
+    def check_partial_steps(sampler: str, steps: int, request: GenerateRequest, hires: Optional[HiresPlan]) -> None:
+        """A sampler with a step limit (LCM) applies it to the denoised part of img2img: its timesteps
+        come from the ``limit x strength`` last steps of its schedule."""
+        limit = sampler_max_steps(sampler)
+        for what, part_steps, strength in (("img2img", steps, request.strength if request.init_image else None),
+                                           ("the hires pass", hires.steps if hires else 0, hires.strength if hires else None)):
+            if limit is not None and strength is not None and part_steps > int(limit * strength):
+                raise InvalidRequest(f"sampler {sampler!r} runs at most {int(limit * strength)} steps for {what} at "
+                                     f"denoising strength {strength:g} ({limit} x strength); lower the steps or raise "
+                                     "the strength")
 
     def plan_hires(self, spec: ModelSpec, request: GenerateRequest, size: Size, steps: int) -> HiresPlan:
         if request.init_image is not None:

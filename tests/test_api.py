@@ -211,7 +211,7 @@ def test_listings(api):
     assert sd15["title"] == "tiny-sd15" and sd15["compiled"] == ["64x64", "64x96"] and "hash" in sd15
     samplers = {s["name"]: s for s in api.get("/sdapi/v1/samplers").json()}
     assert "k_euler_a" in samplers["Euler a"]["aliases"] and "euler_a" in samplers["Euler a"]["aliases"]
-    assert [s["name"] for s in api.get("/sdapi/v1/schedulers").json()] == ["automatic", "karras"]
+    assert [s["name"] for s in api.get("/sdapi/v1/schedulers").json()] == ["automatic", "karras", "sgm_uniform"]
     assert api.get("/sdapi/v1/loras").json() == [] and api.get("/sdapi/v1/sd-vae").json() == []
     assert api.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
     memory = api.get("/sdapi/v1/memory").json()

@@ -73,7 +73,7 @@ def test_webuiapi_txt2img_img2img_and_infotexts_parsed_by_sd_parsers(webui):
 def test_webuiapi_models_samplers_and_switching(webui):
     assert "tiny-sd21" in webui.util_get_model_names()
     assert {"Euler a", "DPM++ 2M Karras", "UniPC"} <= set(webui.util_get_sampler_names())
-    assert webui.util_get_scheduler_names() == ["automatic", "karras"]
+    assert webui.util_get_scheduler_names() == ["automatic", "karras", "sgm_uniform"]
     try:
         webui.util_set_model("tiny-sd21")
         assert webui.util_get_current_model() == "tiny-sd21"
