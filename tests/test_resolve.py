@@ -600,3 +600,93 @@ def test_a_hires_fix_is_for_txt2img_on_a_family_with_img2img(cpu, registry):
 ])
 def test_hires_values_are_checked_with_the_request_checks(cpu, hires, message):
     refused(lambda: cpu.resolve(GenerateRequest(hires=hires), "base"), message)
+
+
+# --- prompt chunks -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """The tiny models' character-level CLIP tokenizer: "a " is one token."""
+    from make_tiny_models import write_tokenizer
+    from transformers import CLIPTokenizer
+
+    directory = tmp_path_factory.mktemp("tokenizer")
+    write_tokenizer(directory)
+    return CLIPTokenizer.from_pretrained(directory)
+
+
+@pytest.fixture
+def chunk_registry(tmp_path):
+    models = [{"id": "base", "family": "sd15", "source": {"hub": "org/base"}, "resolutions": ["512x512"]},
+              {"id": "long", "family": "sdxl", "source": {"hub": "org/xl"}, "resolutions": ["512x512"],
+               "prompt_chunks": [3]},
+              {"id": "pix", "family": "pixart-sigma", "source": {"hub": "org/pix"}, "resolutions": ["512x512"]}]
+    path = tmp_path / "chunks.yaml"
+    path.write_text(yaml.safe_dump({"models": models}, sort_keys=False))
+    return load_registry(path)
+
+
+def chunking(registry, backend, tokenizer, asked=None):
+    """A resolver whose tokenizer_of hands out ``tokenizer`` (and notes for which models)."""
+    asked = [] if asked is None else asked
+    return Resolver(registry, backend, lambda spec: asked.append(spec.id) or tokenizer)
+
+
+def _chunks(resolver, model, prompt="", negative_prompt=""):
+    resolved = resolver.resolve(GenerateRequest(model=model, prompt=prompt, negative_prompt=negative_prompt, seed=1),
+                                "base")
+    return resolved.prompt_chunks, resolved.notices
+
+
+def test_without_a_tokenizer_every_prompt_runs_in_one_chunk(chunk_registry):
+    for backend in (CPU, EAGER):
+        assert _chunks(Resolver(chunk_registry, backend), "long", "a " * 300, "b " * 300) == (1, ())
+
+
+def test_pixart_reads_its_prompt_in_one_piece_and_needs_no_tokenizer(chunk_registry):
+    def no_tokenizer(spec):
+        raise AssertionError(f"tokenizer_of({spec.id}) called")
+
+    assert _chunks(Resolver(chunk_registry, CPU, no_tokenizer), "pix", "a " * 300) == (1, ())
+
+
+def test_a_fixed_shape_backend_runs_the_smallest_compiled_chunk_count_that_holds_the_prompt(chunk_registry,
+                                                                                                tokenizer):
+    asked = []
+    resolver = chunking(chunk_registry, CPU, tokenizer, asked)
+    assert _chunks(resolver, "base", "a " * 75) == (1, ())
+    assert _chunks(resolver, "long", "a " * 75) == (1, ())
+    assert _chunks(resolver, "long", "a " * 76) == (3, ())  # compiled for 1 and 3: 2 chunks run as 3
+    assert _chunks(resolver, "long", "", "b " * 225) == (3, ())  # the longer of prompt and negative prompt
+    assert asked == ["base", "long", "long", "long"]
+
+
+def test_a_prompt_longer_than_the_compiled_chunks_is_cut_with_a_notice_naming_the_fix(chunk_registry, tokenizer):
+    resolver = chunking(chunk_registry, CPU, tokenizer)
+    fix = (f"(long is compiled for prompts of up to 3 chunks of 75 tokens; to read it all, add 4 to prompt_chunks "
+           f"of long in {chunk_registry.path} and recompile)")
+    assert _chunks(resolver, "long", "a " * 300) == (3, (
+        f'the prompt is 300 tokens and the model reads 225: these words were ignored: "{" ".join(["a"] * 75)}". '
+        + fix,))
+    fix = (f"(base is compiled for prompts of up to 1 chunks of 75 tokens; to read it all, add 2 to prompt_chunks "
+           f"of base in {chunk_registry.path} and recompile)")
+    assert _chunks(resolver, "base", "a " * 80, "b " * 79) == (1, (
+        'the prompt is 80 tokens and the model reads 75: these words were ignored: "a a a a a". ' + fix,
+        'the negative prompt is 79 tokens and the model reads 75: these words were ignored: "b b b b". ' + fix))
+
+
+def test_eager_runs_as_many_chunks_as_the_prompt_needs_up_to_8(chunk_registry, tokenizer):
+    resolver = chunking(chunk_registry, EAGER, tokenizer)
+    assert _chunks(resolver, "base", "a " * 76) == (2, ())  # base is compiled for 1 chunk: eager needs none
+    assert _chunks(resolver, "long", "a " * 600) == (8, ())
+    assert _chunks(resolver, "base", "a " * 601) == (8, (
+        'the prompt is 601 tokens and the model reads 600: these words were ignored: "a". (at most 8 chunks of 75 '
+        'tokens are read: shorten it)',))
+
+
+def test_the_tokenizer_is_the_lora_variant_one(registry, tokenizer):
+    asked = []
+    resolver = chunking(registry, CPU, tokenizer, asked)
+    assert _chunks(resolver, "base", "<lora:detail:0.8>" + "a " * 75) == (1, ())  # the tag is not read as text
+    assert asked == ["base-detail"]
