@@ -58,6 +58,8 @@ def fingerprint(spec: ModelSpec, size: Size, backend: str, stack_key: str) -> st
         identity["batch_sizes"] = list(spec.batch_sizes)
     if spec.prompt_chunks != (1,):  # one UNet graph per prompt length
         identity["prompt_chunks"] = list(spec.prompt_chunks)
+    if spec.cfg_free_unet:  # UNet graphs for CFG <= 1 as well
+        identity["cfg_free_unet"] = True
     if spec.loras:  # fused into the weights: another file or scale is another artifact
         identity["loras"] = [{"sha256": lora.sha256, "scale": lora.scale} for lora in spec.loras]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

@@ -16,7 +16,7 @@ from . import artifacts
 from .backends.base import Backend
 from .errors import EngineError
 from .families import (FAMILIES, UNET, VAE_DECODER, VAE_ENCODER, Family, ShapeConfigs, example_inputs, is_unet,
-                       traceable, unet_component)
+                       traceable, unet_component, unet_rows)
 from .registry import ModelSpec, Registry
 from .sources import ComponentLoader, ModelParts, load_parts
 from .types import Size
@@ -105,8 +105,18 @@ def compile_variant(registry: Registry, spec: ModelSpec, size: Size, backend: Ba
 def _components(family: Family, spec: ModelSpec) -> tuple[str, ...]:
     """The family's components, with one UNet artifact per compiled batch size and prompt length
     (``unet``, ``unet_b4``, ``unet_c2``, ``unet_b4_c2``)."""
-    unets = tuple(unet_component(batch, chunks) for chunks in spec.prompt_chunks for batch in spec.batch_sizes)
+    unets = tuple(name for chunks in spec.prompt_chunks for name in _unets(spec, chunks))
     return tuple(c for name in family.components for c in (unets if name == UNET else (name,)))
+
+
+def _unets(spec: ModelSpec, chunks: int) -> list[str]:
+    """The UNets of one prompt length: one per batch size (CFG pairs), and with ``cfg_free_unet`` one
+    per batch size at CFG <= 1 whose row count no CFG graph already has (a graph takes any rows)."""
+    with_cfg = [unet_component(batch, chunks) for batch in spec.batch_sizes]
+    rows = {unet_rows(name) for name in with_cfg}
+    without = [unet_component(batch, chunks, cfg=False) for batch in spec.batch_sizes
+               if spec.cfg_free_unet and batch not in rows]
+    return with_cfg + without
 
 
 def _load_order(components: tuple[str, ...]) -> list[tuple[str, list[str]]]:
@@ -150,6 +160,7 @@ def _manifest(spec: ModelSpec, size: Size, backend: Backend, parts: ModelParts, 
         "dtype": spec.dtype,
         "batch_sizes": list(spec.batch_sizes),
         "prompt_chunks": list(spec.prompt_chunks),
+        "cfg_free_unet": spec.cfg_free_unet,
         "tp_degree": backend.tensor_parallel_degree(spec),
         "source": {"kind": spec.source.kind, "ref": spec.source.ref, "revision": spec.source.revision,
                    "config": spec.source.config},

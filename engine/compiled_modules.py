@@ -133,6 +133,11 @@ class CompiledUNet(_StandIn):
             in_features = config["projection_class_embeddings_input_dim"]
             self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=in_features))
 
+    @property
+    def graphs(self) -> list[tuple[int, int]]:
+        """(rows per call, prompt chunks) of every compiled graph."""
+        return sorted((rows, chunks) for chunks, by_rows in self._runners.items() for rows in by_rows)
+
     def forward(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor,
                 timestep_cond: Any = None, cross_attention_kwargs: Any = None,
                 added_cond_kwargs: Optional[dict[str, torch.Tensor]] = None, return_dict: bool = True,

@@ -23,6 +23,7 @@ VAE_ENCODER = "vae_encoder"
 # The UNet is compiled for the classifier-free-guidance pair (unconditional + conditional), the
 # batch every denoising step carries; text encoders and the VAE run one prompt / image at a time.
 UNET_BATCH = 2
+NO_CFG_SUFFIX = "_nocfg"
 SINGLE_BATCH = 1
 TEXT_LENGTH = 77
 
@@ -65,17 +66,24 @@ class Family:
     def batch_of(self, component: str) -> int:
         if component == TRANSFORMER:
             return UNET_BATCH
-        return UNET_BATCH * unet_batch_of(component) if is_unet(component) else SINGLE_BATCH
+        return unet_rows(component) if is_unet(component) else SINGLE_BATCH
 
 
-def unet_component(batch: int, chunks: int = 1) -> str:
+def unet_component(batch: int, chunks: int = 1, cfg: bool = True) -> str:
     """The artifact name of the UNet compiled for ``batch`` requests and prompts of ``chunks`` 75-token
-    chunks: ``unet``, ``unet_b4``, ``unet_c2``, ``unet_b4_c2``, …"""
-    return UNET + (f"_b{batch}" if batch != 1 else "") + (f"_c{chunks}" if chunks != 1 else "")
+    chunks: ``unet``, ``unet_b4``, ``unet_c2``, ``unet_b4_c2``, …; ``cfg`` False: for requests at
+    CFG <= 1, one row each instead of a CFG pair (``unet_nocfg``, ``unet_b3_nocfg``)."""
+    return (UNET + (f"_b{batch}" if batch != 1 else "") + (f"_c{chunks}" if chunks != 1 else "")
+            + ("" if cfg else NO_CFG_SUFFIX))
 
 
 def is_unet(component: str) -> bool:
-    return component == UNET or re.fullmatch(rf"{UNET}(_b\d+)?(_c\d+)?", component) is not None
+    return re.fullmatch(rf"{UNET}(_b\d+)?(_c\d+)?({NO_CFG_SUFFIX})?", component) is not None
+
+
+def unet_rows(component: str) -> int:
+    """Rows one call of a UNet artifact takes: two per request (the CFG pair), one without CFG."""
+    return unet_batch_of(component) * (1 if component.endswith(NO_CFG_SUFFIX) else UNET_BATCH)
 
 
 def unet_batch_of(component: str) -> int:

@@ -165,14 +165,15 @@ def warm_up(warm: WarmPipeline, steps: int = 2) -> float:
     size = warm.key.size
     assert size is not None, "warm-up is for fixed-shape (compiled) pipelines"
     with warm.lock:
-        # every compiled UNet graph once: batch 1 with the full warm-up, other batch sizes and prompt
-        # lengths a step each
-        graphs = ((1, 1, steps), *((b, 1, 1) for b in warm.spec.batch_sizes[1:]),
-                  *((b, c, 1) for c in warm.spec.prompt_chunks[1:] for b in warm.spec.batch_sizes))
-        for batch, chunks, graph_steps in graphs:
-            kwargs = dict(prompt=[" BREAK ".join(["warm-up"] * chunks)] * batch, num_inference_steps=graph_steps,
-                          guidance_scale=max(2.0, warm.spec.defaults.cfg_scale), width=size.width, height=size.height,
-                          generator=torch.Generator("cpu").manual_seed(0), output_type="np")
+        # every compiled UNet graph once: the smallest with the full warm-up, the others a step each;
+        # an even row count as CFG pairs, an odd one (a CFG-free graph) as requests at CFG 0
+        for index, (rows, chunks) in enumerate(warm.components[UNET].graphs):
+            pairs = rows % 2 == 0
+            kwargs = dict(prompt=[" BREAK ".join(["warm-up"] * chunks)] * (rows // 2 if pairs else rows),
+                          num_inference_steps=steps if index == 0 else 1,
+                          guidance_scale=max(2.0, warm.spec.defaults.cfg_scale) if pairs else 0.0,
+                          width=size.width, height=size.height, generator=torch.Generator("cpu").manual_seed(0),
+                          output_type="np")
             _warm_up_call(warm, size, kwargs, chunks)
         if warm.family.has_img2img:
             warm.components["vae"].encode(torch.zeros(1, 3, size.height, size.width))

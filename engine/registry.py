@@ -121,6 +121,9 @@ class ModelSpec:
     loras: tuple[LoraSpec, ...] = ()  # fused into the weights before compiling, in this order
     # Prompt lengths the UNet is compiled for, in 75-token chunks (A1111's long prompts): 1 always.
     prompt_chunks: tuple[int, ...] = (1,)
+    # Also compile the UNet for requests at CFG <= 1 (no unconditional half: one row per request, on
+    # Neuron one core); default: when the model's default CFG is at most 1 (turbo / LCM models).
+    cfg_free_unet: bool = False
 
     @property
     def default_size(self) -> Size:
@@ -224,6 +227,7 @@ def _parse_model(check: _Checker, raw: Any, index: int) -> ModelSpec:
     if dtype not in DTYPES:
         raise check.fail(model_id, "dtype", f"one of {', '.join(DTYPES)}", dtype)
     _check_family_limits(check, model_id, family, raw)
+    defaults = _parse_defaults(check, model_id, raw.get("defaults", {}), family)
     return ModelSpec(
         id=model_id,
         title=str(raw.get("title", model_id)),
@@ -231,13 +235,23 @@ def _parse_model(check: _Checker, raw: Any, index: int) -> ModelSpec:
         source=_parse_source(check, model_id, family, raw.get("source")),
         dtype=dtype,
         resolutions=_parse_resolutions(check, model_id, raw.get("resolutions")),
-        defaults=_parse_defaults(check, model_id, raw.get("defaults", {}), family),
+        defaults=defaults,
         batch_sizes=_parse_batch_sizes(check, model_id, raw.get("batch_sizes", [1])),
         scaling=_parse_scaling(check, model_id, raw.get("scaling", {})),
         tp_degree=_parse_tp_degree(check, model_id, family, raw),
         loras=_parse_loras(check, model_id, family, raw.get("loras", [])),
         prompt_chunks=_parse_prompt_chunks(check, model_id, family, raw.get("prompt_chunks", [1])),
+        cfg_free_unet=_parse_cfg_free_unet(check, model_id, family, raw.get("cfg_free_unet",
+                                                                             defaults.cfg_scale <= 1)),
     )
+
+
+def _parse_cfg_free_unet(check: _Checker, model_id: str, family: str, raw: Any) -> bool:
+    if not isinstance(raw, bool):
+        raise check.fail(model_id, "cfg_free_unet", "true or false", raw)
+    if raw and family in TENSOR_PARALLEL_FAMILIES:
+        raise check.fail(model_id, "cfg_free_unet", f"false for family {family} (one transformer graph)", raw)
+    return raw
 
 
 _LORA_FIELDS = ("source", "scale", "name")

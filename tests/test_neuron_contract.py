@@ -641,3 +641,40 @@ def test_real_hardware_a_model_off_core_0_and_a_second_process_refused(tiny_dir,
     finally:
         first.terminate()
         first.wait(60)
+
+
+def test_recorded_prompt_lengths_and_cfg_free_unets_are_their_own_graphs(tiny_dir, tmp_path, monkeypatch):
+    """prompt_chunks [1, 2]: a UNet traced for 154 tokens; cfg_free_unet (default CFG 0): a UNet
+    traced for one row, loaded on ONE NeuronCore (DataParallel over [first core]); a CFG 0 request
+    runs it, a 2-chunk prompt runs the 154-token graph over the pair."""
+    recorder = neuron_recorder.install(monkeypatch)
+    path = write_registry(tiny_dir, tmp_path, ["tiny-sd15"])
+    data = yaml.safe_load(path.read_text())
+    data["models"][0].update(prompt_chunks=[1, 2], defaults={"sampler": "Euler", "steps": 2, "cfg_scale": 0})
+    path.write_text(yaml.safe_dump(data))
+    registry = load_registry(path)
+    backend = NeuronBackend(inventory=CoreInventory((0, 1)))
+    assert [o.state for o in compile_all(registry, backend, log=lambda line: None)] == ["compiled"]
+    record = SimpleNamespace(registry=registry, traces=recorder.traces)
+    manifest = manifest_of(record, "tiny-sd15")
+    assert sorted(n for n in manifest["components"] if n.startswith("unet")) == [
+        "unet", "unet_c2", "unet_c2_nocfg", "unet_nocfg"]
+    base, long, single = (trace_of(record, "tiny-sd15", n) for n in ("unet", "unet_c2", "unet_nocfg"))
+    assert base.input_shapes[2][1] == 77 and long.input_shapes[2][1] == 154  # encoder_hidden_states tokens
+    assert single.input_shapes[0][0] == 1 and base.input_shapes[0][0] == 1  # per core: 1 row of 1, 1 of 2
+    assert manifest["components"]["unet_nocfg"]["layout"] == {"batch_per_core": 1, "cores": 1, "batch_per_call": 1}
+    assert manifest["components"]["unet"]["layout"]["cores"] == 2
+
+    engine = Engine(registry, backend, EngineSettings())
+    try:
+        engine.load("tiny-sd15")
+        assert sorted(len(c.device_ids) for c in recorder.data_parallels) == [1, 1, 2, 2]
+        single_core = [c for c in recorder.data_parallels if len(c.device_ids) == 1]
+        before = [len(c.chunk_shapes) for c in single_core]
+        engine.generate(GenerateRequest(model="tiny-sd15", prompt="one", steps=2, cfg_scale=0, seed=1))
+        assert sum(len(c.chunk_shapes) for c in single_core) - sum(before) == 2  # one one-core call per step
+        result = engine.generate(GenerateRequest(model="tiny-sd15", prompt=" BREAK ".join(["a", "b"]), steps=2,
+                                                 cfg_scale=5, seed=1))
+        assert result.notices == () and result.images
+    finally:
+        engine.close()

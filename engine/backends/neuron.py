@@ -547,12 +547,12 @@ class NeuronBackend(Backend):
         layout: Optional[dict[str, int]] = None
         if component == UNET:
             # Compile one core's share of the CFG pair; DataParallel splits each call across the pair.
+            # An odd row count (a CFG-free UNet for one request: no unconditional half) runs on one core.
             per_call = int(inputs[0].shape[0])
-            if per_call % UNET_CORES:
-                raise CompileError(f"the UNet example batch {per_call} does not split over {UNET_CORES} cores")
-            per_core = per_call // UNET_CORES
+            cores = UNET_CORES if per_call % UNET_CORES == 0 else 1
+            per_core = per_call // cores
             inputs = tuple(x[:per_core] for x in inputs)
-            layout = {"batch_per_core": per_core, "cores": UNET_CORES, "batch_per_call": per_call}
+            layout = {"batch_per_core": per_core, "cores": cores, "batch_per_call": per_call}
         workdir = out_dir / COMPILER_WORKDIR
         started = time.perf_counter()
         try:
