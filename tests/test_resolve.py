@@ -690,3 +690,45 @@ def test_the_tokenizer_is_the_lora_variant_one(registry, tokenizer):
     resolver = chunking(registry, CPU, tokenizer, asked)
     assert _chunks(resolver, "base", "<lora:detail:0.8>" + "a " * 75) == (1, ())  # the tag is not read as text
     assert asked == ["base-detail"]
+
+
+# --- samplers with a step limit (LCM) -----------------------------------------------------------------------------
+
+
+def _lcm_steps(steps: int) -> str:
+    return (f"sampler 'LCM' runs at most 50 steps (its timesteps come from the 50-step LCM distillation schedule); "
+            f"{steps} were asked for")
+
+
+def _lcm_part(most: int, what: str, strength: str) -> str:
+    return (f"sampler 'LCM' runs at most {most} steps for {what} at denoising strength {strength} (50 x strength); "
+            "lower the steps or raise the strength")
+
+
+def test_lcm_runs_at_most_50_steps_and_other_samplers_150(cpu):
+    assert cpu.resolve(GenerateRequest(sampler="LCM", steps=50.0), "base").steps == 50
+    refused(lambda: cpu.resolve(GenerateRequest(sampler="LCM", steps=51), "base"), _lcm_steps(51))
+    assert cpu.resolve(GenerateRequest(sampler="Euler", steps=150), "base").steps == 150
+    assert cpu.resolve(GenerateRequest(sampler="LCM", steps=50, strength=0.1), "base").steps == 50  # txt2img
+
+
+def test_lcm_img2img_runs_at_most_50_x_strength_steps(cpu):
+    assert cpu.resolve(GenerateRequest(sampler="LCM", steps=25, strength=0.5, init_image=img()), "base").steps == 25
+    refused(lambda: cpu.resolve(GenerateRequest(sampler="LCM", steps=26, strength=0.5, init_image=img()), "base"),
+            _lcm_part(25, "img2img", "0.5"))
+    refused(lambda: cpu.resolve(GenerateRequest(sampler="LCM", steps=38, init_image=img()), "base"),
+            _lcm_part(37, "img2img", "0.75"))  # the default strength
+    assert cpu.resolve(GenerateRequest(sampler="Euler", steps=150, strength=0.1, init_image=img()), "base").steps == 150
+
+
+def test_lcm_limits_the_hires_pass_too(cpu):
+    hires = HiresFix(scale=2.0, steps=35, strength=0.7)
+    assert cpu.resolve(GenerateRequest(sampler="LCM", steps=10, hires=hires), "base").hires.steps == 35
+    refused(lambda: cpu.resolve(GenerateRequest(sampler="LCM", steps=10, hires=HiresFix(scale=2.0, steps=36)), "base"),
+            _lcm_part(35, "the hires pass", "0.7"))
+    refused(lambda: cpu.resolve(GenerateRequest(sampler="LCM", steps=40, hires=HiresFix(scale=2.0)), "base"),
+            _lcm_part(35, "the hires pass", "0.7"))  # the hires steps default to the request's 40
+    refused(lambda: cpu.resolve(GenerateRequest(sampler="LCM", steps=30, hires=HiresFix(scale=2.0, steps=51)), "base"),
+            _lcm_steps(51))
+    assert cpu.resolve(GenerateRequest(sampler="Euler", steps=10, hires=HiresFix(scale=2.0, steps=150, strength=0.1)),
+                       "base").hires.steps == 150
