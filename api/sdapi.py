@@ -79,7 +79,7 @@ def _listing_routes(router: APIRouter, ctx: ApiContext) -> None:
     @router.get("/schedulers", response_model=list[SchedulerItem], summary="Schedule types")
     def schedulers() -> list[SchedulerItem]:
         return [SchedulerItem(name="automatic", label="Automatic"),
-                *(SchedulerItem(name=name, label=label, default_rho=7.0 if name == "karras" else None)
+                *(SchedulerItem(name=name, label=label, default_rho=7.0 if name == "karras" else -1)
                   for name, (_, label) in SCHEDULES.items())]
 
     @router.get("/upscalers", response_model=list[UpscalerItem], summary="Upscalers (none yet)")

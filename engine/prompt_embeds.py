@@ -17,15 +17,21 @@ import torch
 from .families import TEXT_ENCODER, TEXT_ENCODER_2
 from .prompt_weights import (CHUNK_TOKENS, chunk_prompt, encode_chunks, encode_chunks_with_pooled, is_plain,
                              needed_chunks, pad_to_chunks)
-from .prompts import strip_extra_networks, truncation_notices
+from .errors import InvalidRequest
+from .prompts import MAX_SHOWN, strip_extra_networks
+from .registry import MAX_PROMPT_CHUNKS
 
 CHUNKED_FAMILIES = ("sd15", "sd21", "sdxl")  # CLIP text encoders (PixArt-Sigma's T5 reads 300 tokens at once)
 EAGER_MAX_CHUNKS = 8  # 600 tokens on the any-shape backend: longer prompts are cut, with a notice
 
 
 def prompt_chunks_needed(tokenizer: Any, prompt: str, negative_prompt: str) -> int:
-    """75-token chunks the longer of prompt and negative prompt needs (BREAK starts a chunk)."""
-    return max(needed_chunks(tokenizer, strip_extra_networks(prompt)), needed_chunks(tokenizer, negative_prompt))
+    """75-token chunks the longer of prompt and negative prompt needs (BREAK starts a chunk).
+    Raises InvalidRequest for a weight that is not a number, such as ``(word:1.2.3)``."""
+    try:
+        return max(needed_chunks(tokenizer, strip_extra_networks(prompt)), needed_chunks(tokenizer, negative_prompt))
+    except ValueError as exc:
+        raise InvalidRequest(f"{exc}: write a weight as (word:1.3), or \\( \\) for brackets that are text") from None
 
 
 def chunks_to_run(needed: int, compiled: Optional[tuple[int, ...]]) -> int:
@@ -40,17 +46,47 @@ def chunks_to_run(needed: int, compiled: Optional[tuple[int, ...]]) -> int:
 def prompt_notices(tokenizer: Any, prompt: str, negative_prompt: str, needed: int, chunks: int, model: str,
                    compiled: Optional[tuple[int, ...]], registry: str) -> tuple[str, ...]:
     """What the user is told when a prompt needs more chunks than the request runs with: the words
-    that were ignored, and how to have them read (compile more ``prompt_chunks``, or shorten it)."""
+    that were ignored (from the chunks themselves, so BREAK and weights count as A1111 reads them),
+    and how to have them read (compile more ``prompt_chunks``, or shorten it)."""
     if needed <= chunks:
         return ()
     if compiled is None:
-        fix = f"at most {EAGER_MAX_CHUNKS} chunks of {CHUNK_TOKENS} tokens are read: shorten it"
+        fix = f"at most {_chunks(EAGER_MAX_CHUNKS)} of {CHUNK_TOKENS} tokens are read here: shorten it"
+    elif needed > MAX_PROMPT_CHUNKS:
+        fix = (f"{model} is compiled for prompts of up to {_chunks(chunks)} of {CHUNK_TOKENS} tokens and at most "
+               f"{MAX_PROMPT_CHUNKS} can be compiled: shorten it")
     else:
-        fix = (f"{model} is compiled for prompts of up to {chunks} chunks of {CHUNK_TOKENS} tokens; to read it all, "
-               f"add {needed} to prompt_chunks of {model} in {registry} and recompile")
-    cut = truncation_notices(tokenizer, prompt, negative_prompt, CHUNK_TOKENS * chunks + 2)
-    return tuple(f"{notice}. ({fix})" for notice in cut) or (
-        f"the prompt needs {needed} chunks of {CHUNK_TOKENS} tokens (BREAK starts a chunk); {fix}",)
+        fix = (f"{model} is compiled for prompts of up to {_chunks(chunks)} of {CHUNK_TOKENS} tokens; to read it "
+               f"all, add {needed} to prompt_chunks of {model} in {registry} and recompile")
+    notices = []
+    for label, text in (("prompt", strip_extra_networks(prompt)), ("negative prompt", negative_prompt)):
+        pieces = chunk_prompt(tokenizer, text)
+        if len(pieces) > chunks:
+            total, dropped = _words(tokenizer, pieces), _text(tokenizer, pieces[chunks:])
+            notices.append(f"the {label} is {total:,} tokens in {_chunks(len(pieces))} and the model reads "
+                           f"{_chunks(chunks)}: these words were ignored: {_quoted(dropped)}. ({fix})")
+    return tuple(notices)
+
+
+def _chunks(count: int) -> str:
+    return f"{count} chunk{'s' if count != 1 else ''}"
+
+
+def _prompt_ids(tokenizer: Any, pieces: list[Any]) -> list[int]:
+    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    return [i for piece in pieces for i in piece.ids if i not in special]
+
+
+def _words(tokenizer: Any, pieces: list[Any]) -> int:
+    return len(_prompt_ids(tokenizer, pieces))
+
+
+def _text(tokenizer: Any, pieces: list[Any]) -> str:
+    return tokenizer.decode(_prompt_ids(tokenizer, pieces)).strip() or "(BREAK only)"
+
+
+def _quoted(text: str) -> str:
+    return f'"{text}"' if len(text) <= MAX_SHOWN else f'"{text[:MAX_SHOWN]}…" and {len(text) - MAX_SHOWN:,} more characters'
 
 
 def with_prompt_embeds(components: dict[str, Any], family: str, kwargs: dict[str, Any], chunks: int,

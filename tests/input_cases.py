@@ -211,6 +211,12 @@ CASES: tuple[Case, ...] = (
     Case("prompt-100k-characters", {"prompt": "a cat " * 16667}, IMAGE, "more characters",
          why="the notice quotes the first 300 dropped characters and counts the rest"),
     Case("prompt-over-77-tokens", {"prompt": _WORDS}, IMAGE, "these words were ignored"),
+    # A1111 prompt syntax: weights, BREAK, brackets
+    Case("prompt-weight-not-a-number", {"prompt": "a (red:1.2.3) ball"}, REFUSED, "is not a number"),
+    Case("prompt-weight-huge", {"prompt": "a (red:1e30) ball"}, IMAGE),
+    Case("prompt-brackets-unbalanced", {"prompt": "((a red [ball"}, IMAGE),
+    Case("prompt-break-only", {"prompt": "BREAK BREAK"}, IMAGE),
+    Case("prompt-nine-breaks", {"prompt": " BREAK ".join(["ball"] * 9)}, IMAGE, "these words were ignored"),
     Case("negative-prompt-over-77-tokens", {"negative_prompt": _WORDS}, IMAGE, "the negative prompt is"),
     Case("prompt-unicode", {"prompt": "ein Kätzchen, 一只小猫, кошка, ΓΑΤΑ"}, IMAGE),
     Case("prompt-rtl", {"prompt": "قطة على السطح \u202eright-to-left override\u202c שלום"}, IMAGE),

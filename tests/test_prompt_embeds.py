@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from engine import GenerateRequest, Size
+from engine import GenerateRequest, InvalidRequest, Size
 
 SEED, STEPS, CFG = 17, 4, 6.5
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -176,17 +176,24 @@ def test_break_starts_a_new_chunk(engines, sd15):
 
 def test_more_chunks_than_compiled_are_cut_with_a_notice_naming_prompt_chunks(engines, chunk_dir):
     image, result = ours(engines["cpu"], long_prompt(100), model="sd15-1chunk")
-    notice, = result.notices
-    assert notice.startswith("the prompt is 100 tokens and the model reads 75: these words were ignored: "
-                             '"' + long_prompt(100).split(" ", 75)[-1] + '"')
-    assert (f"sd15-1chunk is compiled for prompts of up to 1 chunks of 75 tokens; to read it all, add 2 to "
-            f"prompt_chunks of sd15-1chunk in {chunk_dir / 'model_registry.yaml'} and recompile") in notice
+    registry = chunk_dir / "model_registry.yaml"
+    assert result.notices == (
+        'the prompt is 100 tokens in 2 chunks and the model reads 1 chunk: these words were ignored: "'
+        + long_prompt(100).split(" ", 75)[-1] + '". (sd15-1chunk is compiled for prompts of up to 1 chunk of 75 '
+        f"tokens; to read it all, add 2 to prompt_chunks of sd15-1chunk in {registry} and recompile)",)
     cut, _ = ours(engines["cpu"], long_prompt(75), model="sd15-1chunk")
     assert np.array_equal(image, cut)
-    _, result = ours(engines["cpu"], " BREAK ".join(["castle"] * 3), model="sd15-2chunks")
-    assert result.notices == ("the prompt needs 3 chunks of 75 tokens (BREAK starts a chunk); sd15-2chunks is "
-                              "compiled for prompts of up to 2 chunks of 75 tokens; to read it all, add 3 to "
-                              f"prompt_chunks of sd15-2chunks in {chunk_dir / 'model_registry.yaml'} and recompile",)
+    _, result = ours(engines["cpu"], " BREAK ".join(["castle", "river", "dragon"]), model="sd15-2chunks")
+    assert result.notices == (
+        'the prompt is 17 tokens in 3 chunks and the model reads 2 chunks: these words were ignored: "dragon". '
+        "(sd15-2chunks is compiled for prompts of up to 2 chunks of 75 tokens; to read it all, add 3 to "
+        f"prompt_chunks of sd15-2chunks in {registry} and recompile)",)
+    _, result = ours(engines["eager"], " BREAK ".join(["a"] * 9), model="sd15-2chunks")
+    assert result.notices == ('the prompt is 9 tokens in 9 chunks and the model reads 8 chunks: these words were '
+                              'ignored: "a". (at most 8 chunks of 75 tokens are read here: shorten it)',)
+    with pytest.raises(InvalidRequest, match=r"the prompt weight '1\.2\.3' is not a number \(in '\(a:1\.2\.3\)'\): "
+                                             r"write a weight as \(word:1\.3\)"):
+        engines["cpu"].submit(GenerateRequest(model="sd15-2chunks", prompt="(a:1.2.3)"))
 
 
 def test_sdxl_weighted_long_prompts_match_between_compiled_and_eager(engines):
