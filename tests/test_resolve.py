@@ -662,27 +662,32 @@ def test_a_fixed_shape_backend_runs_the_smallest_compiled_chunk_count_that_holds
     assert asked == ["base", "long", "long", "long"]
 
 
+def notices(tokenizer, prompt, negative_prompt, needed, chunks, model, compiled, registry):
+    """What ``engine.prompt_embeds.prompt_notices`` says (its wording is tested with it, not here)."""
+    from engine.prompt_embeds import prompt_notices
+
+    return prompt_notices(tokenizer, prompt, negative_prompt, needed, chunks, model, compiled, str(registry.path))
+
+
 def test_a_prompt_longer_than_the_compiled_chunks_is_cut_with_a_notice_naming_the_fix(chunk_registry, tokenizer):
     resolver = chunking(chunk_registry, CPU, tokenizer)
-    fix = (f"(long is compiled for prompts of up to 3 chunks of 75 tokens; to read it all, add 4 to prompt_chunks "
-           f"of long in {chunk_registry.path} and recompile)")
-    assert _chunks(resolver, "long", "a " * 300) == (3, (
-        f'the prompt is 300 tokens and the model reads 225: these words were ignored: "{" ".join(["a"] * 75)}". '
-        + fix,))
-    fix = (f"(base is compiled for prompts of up to 1 chunks of 75 tokens; to read it all, add 2 to prompt_chunks "
-           f"of base in {chunk_registry.path} and recompile)")
-    assert _chunks(resolver, "base", "a " * 80, "b " * 79) == (1, (
-        'the prompt is 80 tokens and the model reads 75: these words were ignored: "a a a a a". ' + fix,
-        'the negative prompt is 79 tokens and the model reads 75: these words were ignored: "b b b b". ' + fix))
+    prompt = "a " * 300
+    expected = notices(tokenizer, prompt, "", 4, 3, "long", (1, 3), chunk_registry)
+    assert len(expected) == 1 and "long" in expected[0] and str(chunk_registry.path) in expected[0]
+    assert _chunks(resolver, "long", prompt) == (3, expected)
+    prompt, negative = "a " * 80, "b " * 79
+    expected = notices(tokenizer, prompt, negative, 2, 1, "base", (1,), chunk_registry)
+    assert len(expected) == 2 and all("base" in n and str(chunk_registry.path) in n for n in expected)
+    assert _chunks(resolver, "base", prompt, negative) == (1, expected)
 
 
 def test_eager_runs_as_many_chunks_as_the_prompt_needs_up_to_8(chunk_registry, tokenizer):
     resolver = chunking(chunk_registry, EAGER, tokenizer)
     assert _chunks(resolver, "base", "a " * 76) == (2, ())  # base is compiled for 1 chunk: eager needs none
     assert _chunks(resolver, "long", "a " * 600) == (8, ())
-    assert _chunks(resolver, "base", "a " * 601) == (8, (
-        'the prompt is 601 tokens and the model reads 600: these words were ignored: "a". (at most 8 chunks of 75 '
-        'tokens are read: shorten it)',))
+    expected = notices(tokenizer, "a " * 601, "", 9, 8, "base", None, chunk_registry)
+    assert len(expected) == 1 and "prompt_chunks" not in expected[0]  # nothing to compile: shorten it
+    assert _chunks(resolver, "base", "a " * 601) == (8, expected)
 
 
 def test_the_tokenizer_is_the_lora_variant_one(registry, tokenizer):
