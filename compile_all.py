@@ -44,11 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def print_table(rows, backend_name: str) -> None:
-    print(f"{'model':<20} {'resolution':<11} {'batches':<9} {'backend':<8} status")
+    print(f"{'model':<20} {'resolution':<11} {'batches':<15} {'tokens':<8} {'backend':<8} status")
     for row in rows:
         reason = f" ({row.status.reason})" if row.status.reason and row.status.state != "missing" else ""
-        batches = ",".join(str(b) for b in row.spec.batch_sizes)
-        print(f"{row.spec.id:<20} {str(row.size):<11} {batches:<9} {backend_name:<8} {row.status.state}{reason}")
+        batches = ",".join(str(b) for b in row.spec.batch_sizes) + ("+nocfg" if row.spec.cfg_free_unet else "")
+        tokens = ",".join(str(75 * c) for c in row.spec.prompt_chunks)
+        print(f"{row.spec.id:<20} {str(row.size):<11} {batches:<15} {tokens:<8} {backend_name:<8} "
+              f"{row.status.state}{reason}")
 
 
 def verify(rows, registry, backend_name: str) -> int:

@@ -79,6 +79,8 @@ class ModelInfo:
     batch_sizes: tuple[int, ...] = (1,)  # compiled batch sizes (requests per device call)
     max_batch: int = 1  # images one device call makes on this backend
     loras: tuple[str, ...] = ()  # fused LoRAs as a prompt selects them: "<lora:name:scale>"
+    prompt_chunks: tuple[int, ...] = (1,)  # compiled prompt lengths, in 75-token chunks
+    cfg_free_unet: bool = False  # CFG <= 1 runs its own one-row-per-request UNet graphs
 
     def compiled_sizes(self) -> list[Size]:
         return [s for s, state in self.compiled.items() if state in ("compiled", "n/a")]
@@ -208,7 +210,8 @@ class Engine:
             warm_sizes = spec.resolutions if VariantKey(spec.id, None) in warm else ()
         return ModelInfo(spec.id, spec.title, spec.family, spec.source.describe(), spec.dtype, spec.defaults,
                          spec.resolutions, compiled, warm_sizes, spec.batch_sizes, self._rows_per_call(spec),
-                         tuple(f"<lora:{lora.name}:{lora.scale:g}>" for lora in spec.loras))
+                         tuple(f"<lora:{lora.name}:{lora.scale:g}>" for lora in spec.loras), spec.prompt_chunks,
+                         spec.cfg_free_unet)
 
     def _variant_state(self, spec: ModelSpec, size: Size) -> str:
         return self._resolver().variant_state(spec, size)

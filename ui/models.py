@@ -14,7 +14,8 @@ from engine.artifacts import compile_command
 from .common import DEVICE_QUEUE, AppContext, parse_size, translate_errors
 
 TAB = "models"
-COLUMNS = ["Model", "Title", "Family", "Resolution", "Batch sizes", "Compiled", "Warm", "To compile", "LoRAs fused"]
+COLUMNS = ["Model", "Title", "Family", "Resolution", "Batch sizes", "Prompt tokens", "Compiled", "Warm", "To compile",
+           "LoRAs fused"]
 _STATE_LABEL = {"compiled": "✅ compiled", "missing": "❌ missing", "stale": "⚠️ stale", "broken": "🛑 broken",
                 "n/a": "— (eager)"}
 
@@ -31,9 +32,10 @@ def model_rows(ctx: AppContext, models: list[ModelInfo]) -> list[list[str]]:
             if state in ("missing", "stale", "broken"):
                 command = compile_command(info.id, size, backend, registry) + (" --force" if state != "missing" else "")
             warm = "🔥 warm" if size in info.warm else ""
-            batches = ", ".join(str(b) for b in info.batch_sizes)
-            rows.append([info.id, info.title, info.family, str(size), batches, _STATE_LABEL.get(state, state), warm,
-                         command, " ".join(info.loras)])
+            batches = ", ".join(str(b) for b in info.batch_sizes) + (" (+ CFG ≤ 1)" if info.cfg_free_unet else "")
+            tokens = ", ".join(str(75 * c) for c in info.prompt_chunks)
+            rows.append([info.id, info.title, info.family, str(size), batches, tokens, _STATE_LABEL.get(state, state),
+                         warm, command, " ".join(info.loras)])
     return rows
 
 
