@@ -167,7 +167,8 @@ def warm_up(warm: WarmPipeline, steps: int = 2) -> float:
     with warm.lock:
         # every compiled UNet graph once: the smallest with the full warm-up, the others a step each;
         # an even row count as CFG pairs, an odd one (a CFG-free graph) as requests at CFG 0
-        for index, (rows, chunks) in enumerate(warm.components[UNET].graphs):
+        graphs = warm.components[UNET].graphs if UNET in warm.components else [(2, 1)]  # PixArt: one transformer
+        for index, (rows, chunks) in enumerate(graphs):
             pairs = rows % 2 == 0
             kwargs = dict(prompt=[" BREAK ".join(["warm-up"] * chunks)] * (rows // 2 if pairs else rows),
                           num_inference_steps=steps if index == 0 else 1,

@@ -107,8 +107,9 @@ def test_models_load_and_unload(client):
     table = client.predict("tiny-sd15", "64x64", api_name="/unload_model")[0]
     rows = {(row[0], row[3]): row for row in table["data"]}
     assert rows[("tiny-sd15", "64x64")][4] == "1, 4"  # batch sizes from the registry
-    assert rows[("tiny-sd15", "64x64")][6] == ""
-    assert "compile_all.py" not in rows[("tiny-sd15", "64x64")][7]
+    assert rows[("tiny-sd15", "64x64")][5] == "75"  # prompt tokens (prompt_chunks [1])
+    assert rows[("tiny-sd15", "64x64")][7] == ""
+    assert "compile_all.py" not in rows[("tiny-sd15", "64x64")][8]
 
 
 def test_png_info_reads_our_parameters(client, tmp_path):
