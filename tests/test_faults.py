@@ -83,7 +83,7 @@ def test_a_corrupted_artifact_is_a_broken_model_and_the_others_keep_serving(priv
     states = {info.id: info.compiled for info in engine.models()}
     assert states["tiny-sd21"][SIZE] == "broken" and states["tiny-sd15"][SIZE] == "compiled"
     row = next(r for r in model_rows(SimpleNamespace(engine=engine), engine.models()) if r[0] == "tiny-sd21")
-    assert row[5] == "🛑 broken" and row[7].endswith("--models tiny-sd21 --resolutions 64x64 --force")
+    assert row[6] == "🛑 broken" and row[8].endswith("--models tiny-sd21 --resolutions 64x64 --force")
     assert engine.generate(dataclasses.replace(REQUEST, model="tiny-sd15")).images  # the others keep serving
     outcomes = compile_all(private_registry, make_backend("cpu"), ["tiny-sd21"], [SIZE], force=True,
                            log=lambda line: None)

@@ -168,7 +168,7 @@ def test_ui_models_tab_lists_pixart_with_its_compiled_size(cpu_engine):
 
     rows = model_rows(SimpleNamespace(engine=cpu_engine), cpu_engine.models())
     [row] = [r for r in rows if r[0] == MODEL]
-    assert row[2] == "pixart-sigma" and row[3] == "64x64" and "compiled" in row[5]
+    assert row[2] == "pixart-sigma" and row[3] == "64x64" and "compiled" in row[6]
 
 
 def test_live_preview_comes_through_the_pixart_step_callback(cpu_engine):
