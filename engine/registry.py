@@ -384,25 +384,25 @@ MAX_COMPILED_BATCH = 16
 
 def _parse_prompt_chunks(check: _Checker, model_id: str, family: str, raw: Any) -> tuple[int, ...]:
     """Sorted, unique, 1 always included; PixArt-Sigma's T5 reads 300 tokens in one piece (no chunks)."""
-    expected = f"a list of whole numbers from 1 to {MAX_PROMPT_CHUNKS} such as [1, 2] (75 tokens each)"
     if family in TENSOR_PARALLEL_FAMILIES and raw != [1]:
         raise check.fail(model_id, "prompt_chunks", f"[1] for family {family} (its T5 reads 300 tokens at once)", raw)
-    if not isinstance(raw, list) or not raw:
-        raise check.fail(model_id, "prompt_chunks", expected, raw)
-    for index, item in enumerate(raw):
-        if not isinstance(item, int) or isinstance(item, bool) or not 1 <= item <= MAX_PROMPT_CHUNKS:
-            raise check.fail(model_id, f"prompt_chunks[{index}]", expected, item)
-    return tuple(sorted({1, *raw}))
+    return _parse_compiled_counts(check, model_id, "prompt_chunks", raw, MAX_PROMPT_CHUNKS, "[1, 2] (75 tokens each)")
 
 
 def _parse_batch_sizes(check: _Checker, model_id: str, raw: Any) -> tuple[int, ...]:
     """Sorted, unique, 1 always included (a lone request must never wait for company)."""
-    expected = f"a list of whole numbers from 1 to {MAX_COMPILED_BATCH} such as [1, 4]"
+    return _parse_compiled_counts(check, model_id, "batch_sizes", raw, MAX_COMPILED_BATCH, "[1, 4]")
+
+
+def _parse_compiled_counts(check: _Checker, model_id: str, field: str, raw: Any, maximum: int,
+                           example: str) -> tuple[int, ...]:
+    """A list of whole numbers from 1 to ``maximum`` (one compiled graph each): sorted, unique, with 1."""
+    expected = f"a list of whole numbers from 1 to {maximum} such as {example}"
     if not isinstance(raw, list) or not raw:
-        raise check.fail(model_id, "batch_sizes", expected, raw)
+        raise check.fail(model_id, field, expected, raw)
     for index, item in enumerate(raw):
-        if not isinstance(item, int) or isinstance(item, bool) or not 1 <= item <= MAX_COMPILED_BATCH:
-            raise check.fail(model_id, f"batch_sizes[{index}]", expected, item)
+        if not isinstance(item, int) or isinstance(item, bool) or not 1 <= item <= maximum:
+            raise check.fail(model_id, f"{field}[{index}]", expected, item)
     return tuple(sorted({1, *raw}))
 
 

@@ -219,6 +219,7 @@ def test_inpaint_with_the_brush_in_the_browser(page, screenshots, tmp_path, ui_s
     is redrawn, the corners are the input's own pixels (fitted to the generation size)."""
     import numpy as np
     from test_inpaint import textured
+    from tools.screenshots import paint_patch
     from ui_server import last_outputs
 
     source = tmp_path / "inpaint-input.png"
@@ -227,18 +228,7 @@ def test_inpaint_with_the_brush_in_the_browser(page, screenshots, tmp_path, ui_s
     page.get_by_role("tab", name="Inpaint", exact=True).click()
     expect(page.locator("#img2img_mask_blur")).to_be_visible()  # the settings show on the inpaint sub-tabs
     page.locator("#img2img_inpaint_editor input[type=file]").set_input_files(str(source))
-    canvas = page.locator("#img2img_inpaint_editor canvas").first
-    expect(canvas).to_be_visible()
-    page.wait_for_timeout(500)
-    box = canvas.bounding_box()
-    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    page.mouse.move(x - 30, y - 8)
-    page.mouse.down()
-    for dx in range(-30, 31, 5):
-        page.mouse.move(x + dx, y - 8)
-    for dx in range(30, -31, -5):
-        page.mouse.move(x + dx, y + 8)
-    page.mouse.up()
+    paint_patch(page, "img2img_inpaint_editor", width=60, rows=range(-8, 9, 8))
     page.locator("#img2img_prompt textarea").fill("a green circle")
     page.get_by_label("latent noise").check()
     page.locator("#img2img_generate").click()

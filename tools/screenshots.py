@@ -55,21 +55,26 @@ def img2img(page: Page, out: Path, source: Path) -> None:
 def inpaint(page: Page, out: Path, source: Path) -> None:
     page.get_by_role("tab", name="Inpaint", exact=True).click()
     page.locator("#img2img_inpaint_editor input[type=file]").set_input_files(str(source))
-    canvas = page.locator("#img2img_inpaint_editor canvas").first
-    expect(canvas).to_be_visible()
-    page.wait_for_timeout(500)
-    box = canvas.bounding_box()
-    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    for row in range(-20, 21, 8):  # a filled patch in the middle, brush strokes back and forth
-        page.mouse.move(x - 40, y + row)
-        page.mouse.down()
-        page.mouse.move(x + 40, y + row, steps=8)
-        page.mouse.up()
+    paint_patch(page, "img2img_inpaint_editor", width=80, rows=range(-20, 21, 8))
     page.locator("#img2img_prompt textarea").fill("a red circle")
     page.get_by_label("latent noise").check()
     set_number(page, "img2img_denoising_strength", 1.0)
     generate(page, "img2img", r"Mask blur: 4, Masked content: latent noise")
     page.screenshot(path=str(out / "inpaint.png"), full_page=True)
+
+
+def paint_patch(page: Page, editor_id: str, width: int, rows: range) -> None:
+    """Brush strokes across the middle of an image editor's canvas, one per offset in ``rows``."""
+    canvas = page.locator(f"#{editor_id} canvas").first
+    expect(canvas).to_be_visible()
+    page.wait_for_timeout(500)  # the editor sizes its canvas to the image
+    box = canvas.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    for row in rows:
+        page.mouse.move(x - width / 2, y + row)
+        page.mouse.down()
+        page.mouse.move(x + width / 2, y + row, steps=8)
+        page.mouse.up()
 
 
 def png_info(page: Page, out: Path, image: Path) -> None:
