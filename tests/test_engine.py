@@ -313,3 +313,27 @@ def test_engine_generation_runs_on_the_device_worker_and_reports_progress(cpu_en
     result = job.result(60)
     assert steps == [1, 2, 3] and seen_threads == {"device-worker-0"}
     assert job.progress.step == 3 and result.images[0].seed == 1
+
+
+@pytest.mark.parametrize("cores, threads, backend, expected", [(2, 1, "cpu", 2), (4, 2, "cpu", 2), (2, 2, "cpu", 1),
+                                                               (8, 1, "eager", 1)])
+def test_replicas_auto_on_cpu_is_one_copy_per_group_of_torch_threads(compiled_registry, monkeypatch, cores, threads,
+                                                                       backend, expected):
+    """``--replicas auto`` without NeuronCores: each replica's device worker runs its calls on its own
+    ``--threads`` cores (the cpu backend); a GPU (eager) gets one."""
+    import engine.engine as engine_module
+    from engine import Engine, EngineSettings
+    from engine.backends import make_backend
+
+    monkeypatch.setattr(engine_module, "usable_cores", lambda: cores)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    engine = Engine(compiled_registry, make_backend(backend), EngineSettings(max_warm=1, replicas_auto=True))
+    try:
+        warm = engine.start_replicas()
+        assert list(warm.values()) == [expected]
+        assert len([i for i in engine.pool.snapshot() if i.key.model == "tiny-sd15"]) == expected
+        images = [job.result(60) for job in [engine.submit(GenerateRequest(model="tiny-sd15", prompt="x", steps=2,
+                                                                           seed=i)) for i in range(4)]]
+        assert all(len(r.images) == 1 for r in images)
+    finally:
+        engine.close()

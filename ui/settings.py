@@ -26,7 +26,8 @@ flag                       environment         default
 ``--threads N``            ``SD_THREADS``      every core but one (at least 1)
 ``--concurrency N``        ``SD_CONCURRENCY``  1 (device workers: generations at once)
 ``--replicas M[@WxH]=N``   ``SD_REPLICAS``     1 per model (repeatable; env comma separated; ``auto``:
-                                               fill the free NeuronCore pairs with the default model)
+                                               fill the free NeuronCore pairs with the default model;
+                                               cpu: one copy per --threads cores)
 ``--ray [ADDRESS]``        ``SD_RAY``          off; on: Ray Serve (``SD_RAY=1`` or an address; a bare
                                                ``--ray`` joins ``RAY_ADDRESS`` when set, else starts one)
 ``--batch-wait-ms MS``     ``SD_BATCH_WAIT_MS``  5 (a free worker waits this long for requests to batch)
@@ -174,7 +175,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--threads", default=env("SD_THREADS"), help="torch intra-op threads (default: every core but one) [SD_THREADS]")
     p.add_argument("--replicas", action="append", default=None, metavar="MODEL[@WxH]=N|auto",
                    help="warm copies of a model, each on its own NeuronCore pair (repeatable); auto: fill the "
-                        "free pairs with the default model [SD_REPLICAS, comma separated]")
+                        "free pairs with the default model (cpu backend: one copy per --threads cores) "
+                        "[SD_REPLICAS, comma separated]")
     p.add_argument("--ray", nargs="?", const="", default=env("SD_RAY"), metavar="ADDRESS",
                    help="serve on a Ray Serve cluster: start a local one, or join ADDRESS / RAY_ADDRESS "
                         "(needs requirements-ray.txt; see docs/scaling.md) [SD_RAY]")
