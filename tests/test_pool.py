@@ -182,15 +182,19 @@ def test_concurrent_requests_spread_over_the_replicas():
         release()
 
 
-def test_a_replica_that_fails_to_load_leaves_the_others_serving():
-    attempts = []
-
+def broken_replica(index: int, attempts: list[int]):
+    """A loader that records each replica index it is asked for and fails for ``index``."""
     def loader(r):
         attempts.append(r.index)
-        if r.index == 1:
-            raise RuntimeError("replica 1 is broken")
+        if r.index == index:
+            raise RuntimeError(f"replica {index} is broken")
         return Record(r)
+    return loader
 
+
+def test_a_replica_that_fails_to_load_leaves_the_others_serving():
+    attempts: list[int] = []
+    loader = broken_replica(1, attempts)
     pool = WarmPool(loader, max_warm=1, replicas=lambda k: 2)
     with pool.lease(key("a")) as first:
         with pool.lease(key("a")) as second:  # the extra load fails: share the warm one
@@ -425,14 +429,8 @@ def test_a_replica_another_thread_is_loading_or_has_loaded_is_not_loaded_again()
 
 
 def test_replicas_that_ensure_replicas_could_not_load_are_not_retried_per_request():
-    attempts = []
-
-    def loader(r):
-        attempts.append(r.index)
-        if r.index == 2:
-            raise RuntimeError("replica 2 is broken")
-        return Record(r)
-
+    attempts: list[int] = []
+    loader = broken_replica(2, attempts)
     pool = WarmPool(loader, max_warm=1, replicas=lambda k: 3)
     assert pool.ensure_replicas(key("a"), 3) == 2 and attempts == [0, 1, 2, 2]  # tried as often as asked for
     with pool.lease(key("a")), pool.lease(key("a")), pool.lease(key("a")) as third:
