@@ -780,6 +780,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="instead: concurrent clients through the engine queue, e.g. 1,4,8, batching off and on "
                         "side by side (concurrency.md/.json/.png with --out)")
     p.add_argument("--requests", type=int, default=16, help="with --concurrency: requests per level")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="with --concurrency: also run batching on with this many warm copies of the model")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
                    help="with --concurrency: how long a free worker waits for company (as the app's flag)")
     p.set_defaults(func=main)
@@ -815,9 +817,11 @@ def _main_concurrency(args: argparse.Namespace) -> int:
     spec = registry.get(args.model or registry.default_model)
     steps = args.steps[0] if args.steps else spec.defaults.steps
     title = (f"{spec.id} {args.size or spec.default_size}, {steps} steps, batch_sizes {list(spec.batch_sizes)}, "
-             f"{torch.get_num_threads()} threads, batch wait {args.batch_wait_ms:g} ms")
+             f"{torch.get_num_threads()} threads, batch wait {args.batch_wait_ms:g} ms"
+             + (f", {args.replicas} replicas in the last rows" if args.replicas > 1 else ""))
     rows = run_concurrency(registry, args.backend, args.concurrency, args.requests, spec.id, args.size, steps,
-                           args.prompt, args.seed, _stderr, batch_wait_s=args.batch_wait_ms / 1000)
+                           args.prompt, args.seed, _stderr, batch_wait_s=args.batch_wait_ms / 1000,
+                           replicas=args.replicas)
     print(to_markdown(rows, title))
     if args.out:
         for path in write_all(rows, title, args.out):

@@ -93,24 +93,23 @@ def run_clients(call: Callable[[T], R], items: Sequence[T], clients: int) -> tup
 
 def run_concurrency(registry: Registry, backend_name: str, levels: Sequence[int], requests: int, model: Optional[str],
                     size: Optional[Size], steps: Optional[int], prompt: str, seed: int,
-                    log: Log, batch_wait_s: float = 0.0) -> list[ConcurrencyRow]:
-    from .backends import make_backend
-    from .engine import Engine, EngineSettings
-
+                    log: Log, batch_wait_s: float = 0.0, replicas: int = 1) -> list[ConcurrencyRow]:
+    """Batching off, on, and (``replicas`` > 1) on with that many warm copies of the model, each on its
+    own device worker (the app's ``--replicas``)."""
     batch: list[GenerateRequest] = [GenerateRequest(model=model, prompt=prompt, steps=steps, size=size, seed=seed + i)
                                     for i in range(requests)]
+    configurations = [("off", False, 1), ("on", True, 1)] + ([(f"on x{replicas}", True, replicas)] if replicas > 1 else [])
     rows: list[ConcurrencyRow] = []
     reference: dict[int, np.ndarray] = {}
-    for batching in (False, True):
-        engine = Engine(registry, make_backend(backend_name), EngineSettings(batching=batching, batch_wait_s=batch_wait_s))
+    for label, batching, copies in configurations:
+        engine = _engine(registry, backend_name, model, batching, batch_wait_s, copies)
         try:
             run_clients(engine.generate, batch[:2], 1)  # load and warm up, unmeasured
             for clients in levels:
                 wall, latencies, by_request = run_clients(engine.generate, batch, clients)
                 results = {request.seed: result for request, result in by_request.items()}
                 images = {s: np.asarray(r.images[0].image) for s, r in results.items()}
-                rows.append(ConcurrencyRow.measured("on" if batching else "off", clients, wall, latencies,
-                                                    max_pixel_diff(images, reference),
+                rows.append(ConcurrencyRow.measured(label, clients, wall, latencies, max_pixel_diff(images, reference),
                                                     max(r.batch_requests for r in results.values())))
                 reference = reference or images
                 log(f"batching {rows[-1].label:>3}, {clients} clients: {rows[-1].images_per_s:.2f} images/s, "
@@ -118,6 +117,19 @@ def run_concurrency(registry: Registry, backend_name: str, levels: Sequence[int]
         finally:
             engine.close()
     return rows
+
+
+def _engine(registry: Registry, backend_name: str, model: Optional[str], batching: bool, batch_wait_s: float,
+            copies: int):  # noqa: ANN202 - Engine, imported lazily
+    from .backends import make_backend
+    from .engine import Engine, EngineSettings, ReplicaTarget
+
+    replicas = (ReplicaTarget(registry.get(model or registry.default_model).id, None, copies),) if copies > 1 else ()
+    engine = Engine(registry, make_backend(backend_name),
+                    EngineSettings(batching=batching, batch_wait_s=batch_wait_s, replicas=replicas))
+    if replicas:
+        engine.start_replicas()
+    return engine
 
 
 def to_markdown(rows: list[ConcurrencyRow], title: str, label: str = "batching") -> str:

@@ -30,6 +30,7 @@ from .types import GenerateRequest, GenerateResult, Progress, ReplicaKey, Size, 
 log = logging.getLogger(__name__)
 
 DEFAULT_PREVIEW_EVERY = 5  # steps between live previews (A1111's "show progress every N steps")
+AUTO_REPLICA_MEMORY_SHARE = 0.5  # cpu ``--replicas auto``: the copies may take this share of the free host memory
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -293,7 +294,7 @@ class Engine:
         if self.settings.replicas_auto:
             spec = self.registry.get(self.default_model)
             key = self._key(spec, spec.default_size)
-            self._auto_replicas[key] = self._auto_replica_count()
+            self._auto_replicas[key] = self._auto_replica_count(key)
             wanted.setdefault(key, self._auto_replicas[key])
         self.scheduler.ensure_workers(sum(wanted.values()))
         jobs = {key: self.scheduler.submit(_Load(key, count), owner="startup") for key, count in wanted.items()}
@@ -302,7 +303,7 @@ class Engine:
         warm = [info.key for info in self.pool.snapshot()]
         return {str(key): warm.count(key) for key in jobs}
 
-    def _auto_replica_count(self) -> int:
+    def _auto_replica_count(self, key: VariantKey) -> int:
         """``--replicas auto``: every free NeuronCore pair; on the cpu backend one copy per
         ``torch.get_num_threads()`` cores (each replica's device worker runs its calls on its own
         cores: on 2 cores with 1 thread, 8 API clients got 14.7-16.4 images/s with 2 replicas
@@ -310,8 +311,21 @@ class Engine:
         if self.core_plan is not None:
             return len(self.core_plan.inventory.pairs())
         if self.backend.name == "cpu":
-            return max(1, usable_cores() // max(1, torch.get_num_threads()))
+            return min(max(1, usable_cores() // max(1, torch.get_num_threads())), self._copies_in_memory(key))
         return 1
+
+    def _copies_in_memory(self, key: VariantKey) -> int:
+        """How many copies of ``key`` fit in half of the host memory free now (a copy takes about its
+        artifacts' size in RAM); at least 1, unlimited when either figure is unknown."""
+        if key.size is None:
+            return 1 << 30
+        directory = artifacts.variant_dir(self.registry.artifacts_dir, key.model, key.size, self.backend.name)
+        manifest = artifacts.read_manifest(directory) or {}
+        copy_bytes = sum(int(entry.get("bytes", 0)) for entry in (manifest.get("components") or {}).values())
+        free = available_memory_bytes()
+        if not copy_bytes or free is None:
+            return 1 << 30
+        return max(1, int(free * AUTO_REPLICA_MEMORY_SHARE) // copy_bytes)
 
     def _replica_target(self, key: VariantKey) -> int:
         """How many warm copies of ``key`` the pool keeps when requests keep them all busy."""
@@ -500,6 +514,18 @@ class Engine:
         else:
             kwargs.update(width=resolved.size.width, height=resolved.size.height)
         return kwargs
+
+def available_memory_bytes() -> Optional[int]:
+    """The host memory available to new allocations (Linux ``MemAvailable``; None elsewhere)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
 
 def usable_cores() -> int:
     """The CPU cores this process may run on."""

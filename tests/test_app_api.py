@@ -194,6 +194,25 @@ def test_replica_and_ray_settings():
     assert parse_settings(["--ray", "ray://head:10001"], {}).ray == "ray://head:10001"
 
 
+def test_cpu_serves_auto_replicas_unless_told_otherwise():
+    """The cpu backend's default is a copy of the default model per --threads cores (the measured way
+    to use a 2-core host, docs/performance.md); Neuron and GPU keep one copy; naming models or
+    ``off`` turns it off."""
+    import app
+
+    default = parse_settings([], {})
+    assert default.replicas_auto is None and default.public_flags()["replicas"] == []
+    assert app.replicas_auto(default, "cpu") and app.engine_settings(default, "cpu").replicas_auto
+    assert not app.replicas_auto(default, "neuron") and not app.replicas_auto(default, "eager")
+    assert not app.replicas_auto(parse_settings(["--replicas", "sd15=2"], {}), "cpu")
+    off = parse_settings(["--replicas", "off"], {})
+    assert off.replicas_auto is False and not app.replicas_auto(off, "cpu") and off.public_flags()["replicas"] == ["off"]
+    assert not app.replicas_auto(parse_settings([], {"SD_REPLICAS": "off"}), "cpu")
+    assert app.replicas_auto(parse_settings(["--replicas", "auto"], {}), "neuron")
+    with pytest.raises(SettingsError, match="give auto or off, not both"):
+        parse_settings(["--replicas", "auto", "--replicas", "off"], {})
+
+
 def test_replicas_reach_the_engine_and_bad_names_are_refused(compiled_registry, capsys, monkeypatch):
     import torch
 

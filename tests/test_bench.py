@@ -164,3 +164,22 @@ def test_concurrency_bench_runs_through_the_queue_with_batching_off_and_on(compi
     paths = write_all(rows, "tiny", tmp_path)
     assert [p.name for p in paths] == ["concurrency.md", "concurrency.json", "concurrency.png"]
     assert "| on | 4 | 4 |" in paths[0].read_text()
+
+
+def test_concurrency_bench_adds_a_row_with_warm_replicas(compiled_registry, monkeypatch):
+    """``--replicas 2``: a third configuration, batching on with two warm copies of the model."""
+    import engine.bench_concurrency as bench_concurrency
+
+    warm_copies = []
+    make_engine = bench_concurrency._engine
+
+    def counting(*args):
+        engine = make_engine(*args)
+        warm_copies.append(len([i for i in engine.pool.snapshot() if i.key.model == "tiny-sd15"]))
+        return engine
+
+    monkeypatch.setattr(bench_concurrency, "_engine", counting)
+    rows = bench_concurrency.run_concurrency(compiled_registry, "cpu", (2,), requests=2, model="tiny-sd15", size=None,
+                                             steps=2, prompt="a red circle", seed=7, log=lambda line: None, replicas=2)
+    assert [r.label for r in rows] == ["off", "on", "on x2"] and warm_copies == [0, 0, 2]
+    assert all(r.max_pixel_diff <= 1 for r in rows[1:])

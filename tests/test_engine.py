@@ -315,6 +315,27 @@ def test_engine_generation_runs_on_the_device_worker_and_reports_progress(cpu_en
     assert job.progress.step == 3 and result.images[0].seed == 1
 
 
+@pytest.mark.parametrize("free_copies, expected", [(3.9, 1), (4.1, 2), (100, 4)])
+def test_replicas_auto_on_cpu_takes_at_most_half_the_free_memory(compiled_registry, monkeypatch, free_copies, expected):
+    """Auto replicas are the app's cpu default, so a big model on a small host must not double itself
+    into swap: copies are capped at half of MemAvailable, a copy counted as its artifacts' bytes."""
+    import engine.engine as engine_module
+    from engine import Engine, EngineSettings
+    from engine.backends import make_backend
+
+    variant = compiled_registry.artifacts_dir / "tiny-sd15" / "64x64" / "cpu"
+    copy_bytes = sum(f.stat().st_size for f in variant.rglob("*") if f.is_file() and f.suffix == ".pt")
+    assert copy_bytes > 100_000, "the variant's weights were not found where the test expects them"
+    monkeypatch.setattr(engine_module, "usable_cores", lambda: 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(engine_module, "available_memory_bytes", lambda: int(free_copies * copy_bytes))
+    engine = Engine(compiled_registry, make_backend("cpu"), EngineSettings(max_warm=1, replicas_auto=True))
+    try:
+        assert list(engine.start_replicas().values()) == [expected]
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize("cores, threads, backend, expected", [(2, 1, "cpu", 2), (4, 2, "cpu", 2), (2, 2, "cpu", 1),
                                                                (8, 1, "eager", 1)])
 def test_replicas_auto_on_cpu_is_one_copy_per_group_of_torch_threads(compiled_registry, monkeypatch, cores, threads,

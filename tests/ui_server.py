@@ -72,9 +72,12 @@ def start_app(registry: Path, tmp: Path, extra_args: Sequence[str] = (), backend
     port = free_port()
     outputs = tmp / "outputs"
     log_path = tmp / "app.log"
+    # one copy of each model unless the test asks for replicas: queue positions and timings stay those
+    # of one device worker whatever the machine's cores (test_app_api.py checks the cpu default, auto)
+    replicas = () if any(arg.startswith("--replicas") for arg in extra_args) else ("--replicas", "off")
     command = [sys.executable, str(ROOT / "app.py"), "--registry", str(registry), "--backend", backend,
                "--host", "127.0.0.1", "--port", str(port), "--outputs", str(outputs), "--threads", "1",
-               *extra_args]
+               *replicas, *extra_args]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=tmp, env=child_env(tmp), stdout=log, stderr=subprocess.STDOUT)
     server = AppServer(process, f"http://127.0.0.1:{port}/", outputs, log_path, tmp)

@@ -25,9 +25,11 @@ flag                       environment         default
 ``--preview-every N``      ``SD_PREVIEW_EVERY``  5 (0 on Neuron): live preview every N steps; 0: off
 ``--threads N``            ``SD_THREADS``      every core but one (at least 1)
 ``--concurrency N``        ``SD_CONCURRENCY``  1 (device workers: generations at once)
-``--replicas M[@WxH]=N``   ``SD_REPLICAS``     1 per model (repeatable; env comma separated; ``auto``:
-                                               fill the free NeuronCore pairs with the default model;
-                                               cpu: one copy per --threads cores)
+``--replicas M[@WxH]=N``   ``SD_REPLICAS``     cpu backend: ``auto``; else 1 per model (repeatable; env
+                                               comma separated; ``auto``: fill the free NeuronCore
+                                               pairs with the default model; cpu: one copy per
+                                               --threads cores that fits in half the free memory;
+                                               ``off``: one copy of each)
 ``--ray [ADDRESS]``        ``SD_RAY``          off; on: Ray Serve (``SD_RAY=1`` or an address; a bare
                                                ``--ray`` joins ``RAY_ADDRESS`` when set, else starts one)
 ``--batch-wait-ms MS``     ``SD_BATCH_WAIT_MS``  5 (a free worker waits this long for requests to batch)
@@ -100,7 +102,7 @@ class AppSettings:
     threads: Optional[int] = None
     concurrency: int = 1
     replicas: tuple[Replicas, ...] = ()
-    replicas_auto: bool = False
+    replicas_auto: Optional[bool] = None  # None: the backend's default (auto on cpu, unless --replicas names models)
     ray: Optional[str] = None  # None: no Ray; "": a local cluster (or RAY_ADDRESS); else the address to join
     batch_wait_ms: int = 5
     autocompile: bool = True
@@ -117,7 +119,7 @@ class AppSettings:
         flags = {name: (str(value) if isinstance(value, Path) else value) for name, value in vars(self).items()}
         flags["auth"] = [user for user, _ in self.auth]
         flags["preload"] = [f"{p.model}@{p.size}" if p.size else p.model for p in self.preload]
-        flags["replicas"] = ["auto"] * self.replicas_auto + [str(r) for r in self.replicas]
+        flags["replicas"] = ({True: ["auto"], False: ["off"]}.get(self.replicas_auto, []) + [str(r) for r in self.replicas])
         return flags
 
 
@@ -173,9 +175,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                    help="live preview (cheap latent approximation) every N denoising steps, in the UI and in "
                         "/sdapi/v1/progress; 0: off (default: 5, off on Neuron) [SD_PREVIEW_EVERY]")
     p.add_argument("--threads", default=env("SD_THREADS"), help="torch intra-op threads (default: every core but one) [SD_THREADS]")
-    p.add_argument("--replicas", action="append", default=None, metavar="MODEL[@WxH]=N|auto",
+    p.add_argument("--replicas", action="append", default=None, metavar="MODEL[@WxH]=N|auto|off",
                    help="warm copies of a model, each on its own NeuronCore pair (repeatable); auto: fill the "
-                        "free pairs with the default model (cpu backend: one copy per --threads cores) "
+                        "free pairs with the default model (cpu backend: one copy per --threads cores, within "
+                        "half the free memory; the cpu default); off: one copy of each model "
                         "[SD_REPLICAS, comma separated]")
     p.add_argument("--ray", nargs="?", const="", default=env("SD_RAY"), metavar="ADDRESS",
                    help="serve on a Ray Serve cluster: start a local one, or join ADDRESS / RAY_ADDRESS "
@@ -251,17 +254,22 @@ def _parse_preload(text: str) -> tuple[Preload, ...]:
     return tuple(items)
 
 
-def _parse_replicas(texts: Sequence[str]) -> tuple[tuple[Replicas, ...], bool]:
-    """``["sd15=2", "sdxl@1024x1024=1"]`` -> Replicas; ``auto`` may stand among them."""
-    items, auto = [], False
+def _parse_replicas(texts: Sequence[str]) -> tuple[tuple[Replicas, ...], Optional[bool]]:
+    """``["sd15=2", "sdxl@1024x1024=1"]`` -> Replicas; ``auto`` or ``off`` may stand among them (the
+    second value: True, False, or None when neither was given)."""
+    items: list[Replicas] = []
+    auto: Optional[bool] = None
     for text in (t.strip() for t in texts):
-        if text == "auto":
-            auto = True
+        if text in ("auto", "off"):
+            if auto is not None and auto != (text == "auto"):
+                raise SettingsError("--replicas: give auto or off, not both")
+            auto = text == "auto"
             continue
         target, sep, count = text.rpartition("=")
         model, _, size = target.partition("@")
         if not sep or not model.strip():
-            raise SettingsError(f"--replicas {text!r}: write MODEL=N or MODEL@WxH=N (or auto), e.g. --replicas sd15=2")
+            raise SettingsError(f"--replicas {text!r}: write MODEL=N or MODEL@WxH=N (or auto, or off), "
+                                "e.g. --replicas sd15=2")
         items.append(Replicas(model.strip(), size.strip() or None, _positive_int(f"--replicas {text}", count)))
     return tuple(items), auto
 
