@@ -48,7 +48,7 @@ class ConcurrencyRow:
     def measured(cls, label: str, clients: int, wall_s: float, latencies: Sequence[float],
                  max_pixel_diff: Optional[int], max_batch_seen: Optional[int] = None) -> "ConcurrencyRow":
         ordered = sorted(latencies)
-        return cls(label, clients, len(ordered), round(wall_s, 3), round(len(ordered) / wall_s, 2),
+        return cls(label, clients, len(ordered), round(wall_s, 3), float(f"{len(ordered) / wall_s:.3g}"),
                    round(statistics.median(ordered), 3), round(ordered[int(0.95 * (len(ordered) - 1))], 3),
                    max_pixel_diff, max_batch_seen)
 
@@ -112,7 +112,7 @@ def run_concurrency(registry: Registry, backend_name: str, levels: Sequence[int]
                 rows.append(ConcurrencyRow.measured(label, clients, wall, latencies, max_pixel_diff(images, reference),
                                                     max(r.batch_requests for r in results.values())))
                 reference = reference or images
-                log(f"batching {rows[-1].label:>3}, {clients} clients: {rows[-1].images_per_s:.2f} images/s, "
+                log(f"batching {rows[-1].label:>3}, {clients} clients: {rows[-1].images_per_s:.3g} images/s, "
                     f"p50 {rows[-1].p50_s:.3f} s, p95 {rows[-1].p95_s:.3f} s, batches up to {rows[-1].max_batch_seen}")
         finally:
             engine.close()

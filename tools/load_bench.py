@@ -83,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             wall, latencies, images = run_clients(call, seeds, clients)
             rows.append(ConcurrencyRow.measured(via, clients, wall, latencies, max_pixel_diff(images, reference)))
             reference = reference or images
-            print(f"{via:>3} x{clients}: {rows[-1].images_per_s:.2f} images/s, p50 {rows[-1].p50_s:.2f} s, "
+            print(f"{via:>3} x{clients}: {rows[-1].images_per_s:.3g} images/s, p50 {rows[-1].p50_s:.2f} s, "
                   f"p95 {rows[-1].p95_s:.2f} s, max pixel difference: {rows[-1].max_pixel_diff}", flush=True)
     print("\n| via | clients | requests | wall s | images/s | p50 s | p95 s | max pixel diff vs first row |")
     print("|---|---|---|---|---|---|---|---|")
