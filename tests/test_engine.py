@@ -358,3 +358,23 @@ def test_replicas_auto_on_cpu_is_one_copy_per_group_of_torch_threads(compiled_re
         assert all(len(r.images) == 1 for r in images)
     finally:
         engine.close()
+
+
+def test_models_tab_counts_a_model_with_two_replicas_once_against_max_warm(compiled_registry):
+    """``--max-warm`` counts models at a size, not replicas: two copies of one model are "1 of at most 2",
+    each copy listed on its own line."""
+    from types import SimpleNamespace
+
+    from engine import Engine, EngineSettings, ReplicaTarget
+    from engine.backends import make_backend
+    from ui.models import status_markdown
+
+    engine = Engine(compiled_registry, make_backend("cpu"),
+                    EngineSettings(max_warm=2, replicas=(ReplicaTarget("tiny-sd15", None, 2),)))
+    try:
+        engine.start_replicas()
+        text = status_markdown(SimpleNamespace(engine=engine))
+        assert "**warm models** 1 of at most 2 (2 copies)" in text
+        assert "@ 64x64 replica 1," in text and "@ 64x64 replica 2," in text
+    finally:
+        engine.close()

@@ -55,13 +55,15 @@ def status_markdown(ctx: AppContext) -> str:
     status = ctx.engine.status()
     rss = process_rss_bytes()
     memory = f"{rss / 2**30:.2f} GiB" if rss is not None else "n/a"
-    head = (f"**Backend** {status['backend']} on `{status['device']}` · **warm pipelines** "
-            f"{len(status['warm'])} of at most {status['max_warm']} · **process memory (RSS)** {memory}")
+    replicas = Counter((warm["model"], warm["size"]) for warm in status["warm"])
+    copies = f" ({len(status['warm'])} copies)" if len(status["warm"]) > len(replicas) else ""
+    # --max-warm counts models at a size, not their replicas
+    head = (f"**Backend** {status['backend']} on `{status['device']}` · **warm models** "
+            f"{len(replicas)} of at most {status['max_warm']}{copies} · **process memory (RSS)** {memory}")
     if status["backend"] == "neuron":
         cores = sorted({core for warm in status["warm"] for core in warm.get("device_ids", [])})
         head += f" · **NeuronCores in use** {', '.join(map(str, cores)) or 'none'}"
     items = []
-    replicas = Counter((warm["model"], warm["size"]) for warm in status["warm"])
     for warm in status["warm"]:
         devices = f" on NeuronCores {', '.join(map(str, warm['device_ids']))}" if warm.get("device_ids") else ""
         busy = " (generating)" if warm["in_use"] else " (idle)"

@@ -159,7 +159,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                    help="file with one USER:PASS a line [SD_AUTH_FILE]")
     p.add_argument("--preload", default=env("SD_PRELOAD", ""), metavar="MODEL[@WxH][,MODEL]",
                    help="models to warm at start [SD_PRELOAD]")
-    p.add_argument("--max-warm", default=env("SD_MAX_WARM", "2"), help="warm pipelines kept at most [SD_MAX_WARM]")
+    p.add_argument("--max-warm", default=env("SD_MAX_WARM", "2"), help="models (at a size) kept warm at most; their replicas count once [SD_MAX_WARM]")
     p.add_argument("--outputs", type=Path, default=Path(env("SD_OUTPUTS", "outputs")),
                    help="every generated PNG is saved here [SD_OUTPUTS]")
     p.add_argument("--outputs-max-gb", default=env("SD_OUTPUTS_MAX_GB"), metavar="GB",
