@@ -515,6 +515,7 @@ class Engine:
             kwargs.update(width=resolved.size.width, height=resolved.size.height)
         return kwargs
 
+
 def available_memory_bytes() -> Optional[int]:
     """The host memory available to new allocations (Linux ``MemAvailable``; None elsewhere)."""
     try:
